@@ -1,0 +1,90 @@
+"""Built-in training-free drafters: ``none`` (no guesses) and ``ngram`` (prompt lookup), usable on any model.
+
+It finds earlier occurrences of the longest suffix of the context (``max_ngram`` down to ``min_ngram``
+tokens) and proposes what followed them. Several distinct continuations form a tree (a trie); a node's
+draft probability is the share of matches that continue through it, ``count(child) / (count(parent) +
+alpha)``, so a single match is not taken as certainty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from specframe import hookimpl
+from specframe.components import Draft, Drafter, EmptyDraft, TrieDraft
+
+
+class NoDrafter(Drafter):
+    """Proposes nothing; with it every step verifies the root alone."""
+
+    name = "none"
+
+    def propose(self, context_ids: list[int], max_depth: int) -> Draft:
+        return EmptyDraft()
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 8, max_depth: int = 8,
+                 alpha: float = 0.5):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if max_matches <= 0 or max_depth <= 0:
+            raise ValueError("max_matches and max_depth must be positive")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_matches, self.max_depth, self.alpha = max_matches, max_depth, alpha
+
+    def continuations(self, context: list[int], depth: int) -> list[list[int]]:
+        """Distinct continuations (most recent match first) of the longest matching suffix."""
+        ctx = np.asarray(context, dtype=np.int64)
+        n = len(ctx)
+        for k in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[: n - 1], k)  # starts 0..n-1-k
+            hits = np.flatnonzero((windows == ctx[n - k :]).all(axis=1))
+            if hits.size == 0:
+                continue
+            found: list[list[int]] = []
+            seen: set[tuple[int, ...]] = set()
+            for start in hits[::-1]:
+                cont = tuple(ctx[start + k : start + k + depth].tolist())
+                if cont and cont not in seen:
+                    seen.add(cont)
+                    found.append(list(cont))
+                    if len(found) == self.max_matches:
+                        break
+            return found
+        return []
+
+    def propose(self, context_ids: list[int], max_depth: int) -> Draft:
+        conts = self.continuations(context_ids, min(max_depth, self.max_depth))
+        if not conts:
+            return EmptyDraft()
+        tokens, parents, counts = [context_ids[-1]], [-1], [0]
+        index: dict[tuple[int, int], int] = {}
+        for cont in conts:
+            node = 0
+            counts[0] += 1
+            for tok in cont:
+                child = index.get((node, tok))
+                if child is None:
+                    child = index[(node, tok)] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(node)
+                    counts.append(0)
+                counts[child] += 1
+                node = child
+        logq = [0.0] + [
+            math.log(counts[i] / (counts[parents[i]] + self.alpha)) for i in range(1, len(tokens))
+        ]
+        return TrieDraft(tokens, parents, logq)
+
+
+@hookimpl
+def register_drafters(register):
+    register("none", NoDrafter)
+    register("ngram", NgramDrafter)

@@ -1,0 +1,121 @@
+"""Built-in expansion policies: ``root-only``, ``chain``, ``static-tree`` and ``best-first``.
+
+Each turns a :class:`~specframe.components.Draft` into the tree to verify, within the engine's hard
+bounds (``ctx.max_nodes`` non-root nodes, ``ctx.max_depth`` depth).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from specframe import hookimpl
+from specframe.components import BuiltTree, Draft, ExpansionContext, ExpansionPolicy, TreeBuilder
+
+
+def _positive(name: str, value: int | None) -> int | None:
+    if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class RootOnly(ExpansionPolicy):
+    """No draft tokens: the tree is the root alone (plain decoding through the same loop)."""
+
+    name = "root-only"
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
+        return TreeBuilder(ctx.root_token).build()
+
+
+class Chain(ExpansionPolicy):
+    """The single most likely path: the top child at every depth (DFlash-style argmax chain)."""
+
+    name = "chain"
+
+    def __init__(self, max_len: int | None = None):
+        self.max_len = _positive("max_len", max_len)
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
+        out = TreeBuilder(ctx.root_token)
+        depth_cap = min(ctx.max_depth, ctx.max_nodes, draft.max_depth, self.max_len or draft.max_depth)
+        node, handle, p = 0, draft.ROOT, 1.0
+        for depth in range(depth_cap):
+            kids = draft.children(handle, depth)
+            if not kids:
+                break
+            p = ctx.surrogate.score(p, depth + 1, kids[0])
+            node, handle = out.add(node, kids[0], p), kids[0].handle
+        return out.build()
+
+
+class StaticTree(ExpansionPolicy):
+    """A fixed topology, the same every step: ``topology[d]`` = how many ranked children each node at
+    depth d gets (so ``(2, 2, 1)`` has 2 + 4 + 4 nodes)."""
+
+    name = "static-tree"
+
+    def __init__(self, topology: Sequence[int] = (2, 2, 1, 1, 1, 1)):
+        if isinstance(topology, int):
+            topology = (topology,)
+        topology = tuple(topology)
+        if not topology or any(not isinstance(k, int) or k <= 0 for k in topology):
+            raise ValueError(f"topology must be a non-empty list of positive integers, got {topology!r}")
+        self.topology = topology
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
+        out = TreeBuilder(ctx.root_token)
+        frontier = [(0, draft.ROOT, 1.0)]
+        for depth, width in enumerate(self.topology[: min(ctx.max_depth, draft.max_depth)]):
+            nxt = []
+            for node, handle, p in frontier:
+                for cand in draft.children(handle, depth)[:width]:
+                    if len(out) > ctx.max_nodes:
+                        return out.build()
+                    score = ctx.surrogate.score(p, depth + 1, cand)
+                    nxt.append((out.add(node, cand, score), cand.handle, score))
+            frontier = nxt
+        return out.build()
+
+
+class BestFirst(ExpansionPolicy):
+    """Query-dependent tree of a fixed node budget: the ``budget`` prefixes of highest P(v) (DDTree-style).
+
+    Pops candidates in decreasing surrogate score; children of a node enter the heap when it is taken.
+    """
+
+    name = "best-first"
+
+    def __init__(self, budget: int = 16):
+        self.budget = _positive("budget", budget)
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
+        out = TreeBuilder(ctx.root_token)
+        limit = min(self.budget, ctx.max_nodes)
+        max_depth = min(ctx.max_depth, draft.max_depth)
+        heap: list = []
+        tie = 0
+
+        def push_children(node: int, handle: object, depth: int, p: float) -> None:
+            nonlocal tie
+            if depth >= max_depth:
+                return
+            for cand in draft.children(handle, depth):
+                score = ctx.surrogate.score(p, depth + 1, cand)
+                heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
+                tie += 1
+
+        push_children(0, draft.ROOT, 0, 1.0)
+        while heap and len(out) <= limit:
+            neg, _, parent, depth, cand = heapq.heappop(heap)
+            node = out.add(parent, cand, -neg)
+            push_children(node, cand.handle, depth, -neg)
+        return out.build()
+
+
+@hookimpl
+def register_expansion_policies(register):
+    register("root-only", RootOnly)
+    register("chain", Chain)
+    register("static-tree", StaticTree)
+    register("best-first", BestFirst)

@@ -1,0 +1,1 @@
+"""Built-in policy bundles of specframe (importable as ``specframe.policies``)."""

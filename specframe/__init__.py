@@ -1,0 +1,47 @@
+"""specframe: lossless tree speculative decoding for Hugging Face causal LMs, every decision a plugin.
+
+Quick start::
+
+    from specframe import SpecGenerator
+    gen = SpecGenerator.from_pretrained(policy="best-first")   # the embedded SmolLM2-135M-Instruct
+    out = gen.generate("Name three rivers.", max_new_tokens=64)
+    print(out.text, out.stats.tau)
+"""
+
+from .hookspecs import hookimpl  # noqa: I001 - plugins import this first
+
+from .components import (
+    AcceptanceSurrogate,
+    BuiltTree,
+    Candidate,
+    CostModel,
+    Draft,
+    Drafter,
+    EmptyDraft,
+    ExpansionContext,
+    ExpansionPolicy,
+    MarginalDraft,
+    RunStats,
+    Sampler,
+    SamplingParams,
+    StepRecord,
+    TreeBuilder,
+    TrieDraft,
+    Verdict,
+    Verifier,
+)
+from .engine import Generation, SpecGenerator, resolve_components
+from .errors import SpecframeError
+from .registry import PolicySpec, Registry, make_plugin_set
+from .target import Target
+from .tree import Tree
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcceptanceSurrogate", "BuiltTree", "Candidate", "CostModel", "Draft", "Drafter", "EmptyDraft",
+    "ExpansionContext", "ExpansionPolicy", "Generation", "MarginalDraft", "PolicySpec", "Registry",
+    "RunStats", "Sampler", "SamplingParams", "SpecGenerator", "SpecframeError", "StepRecord", "Target",
+    "Tree", "TreeBuilder", "TrieDraft", "Verdict", "Verifier", "hookimpl", "make_plugin_set",
+    "resolve_components", "__version__",
+]

@@ -1,0 +1,320 @@
+"""The five kinds of pluggable component and the data they exchange.
+
+Every decision point of the decoding loop is one of these; plugins register factories for them (see
+:mod:`specframe.hookspecs`). They are plain classes: the engine resolves each one once per run and then
+calls their methods directly in the hot loop.
+
+* :class:`Drafter` proposes a :class:`Draft` (a lazily expandable candidate tree) from the context.
+* :class:`AcceptanceSurrogate` turns draft scores into acceptance probabilities P(v).
+* :class:`CostModel` predicts the seconds of verifying n tree tokens at context length c.
+* :class:`ExpansionPolicy` picks the :class:`~specframe.tree.Tree` to verify from the draft.
+* :class:`Verifier` walks the verified tree against the target's logits and returns the accepted path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .tree import Tree
+
+
+class Candidate(NamedTuple):
+    """One proposed child: its token, the drafter's log-prob for it, and an opaque handle that
+    :meth:`Draft.children` accepts to expand it further."""
+
+    token: int
+    logq: float
+    handle: object
+    source: int = 0
+
+
+class Draft:
+    """A candidate tree that expansion policies explore lazily, best children first.
+
+    Subclasses implement :meth:`children`. ``max_depth`` bounds how deep the draft goes.
+    """
+
+    max_depth: int = 0
+    ROOT: object = None
+
+    def children(self, handle: object, depth: int) -> list[Candidate]:
+        """Children of the node at ``handle`` (which is at ``depth``), sorted by ``logq`` descending."""
+        return []
+
+
+class EmptyDraft(Draft):
+    """No guesses: the tree is the root alone (plain autoregressive decoding)."""
+
+
+class MarginalDraft(Draft):
+    """Per-position marginals of a block drafter: every node at depth d has the same ranked children,
+    the top-K tokens of q_{d+1}.
+
+    ``topk_tokens`` and ``topk_logq`` are ``(D, K)``; row d holds the candidates for depth d + 1.
+    """
+
+    ROOT = 0
+
+    def __init__(self, topk_tokens: torch.Tensor, topk_logq: torch.Tensor, source: int = 0):
+        order = topk_logq.argsort(dim=-1, descending=True)
+        tokens = topk_tokens.gather(-1, order).tolist()
+        logq = topk_logq.gather(-1, order).float().tolist()
+        self.max_depth = len(tokens)
+        self._rows = [
+            [Candidate(int(t), float(q), d + 1, source) for t, q in zip(tokens[d], logq[d])]
+            for d in range(self.max_depth)
+        ]
+
+    def children(self, handle: object, depth: int) -> list[Candidate]:
+        return self._rows[depth] if depth < self.max_depth else []
+
+
+class TrieDraft(Draft):
+    """An explicit candidate tree (e.g. prompt-lookup continuations). Node 0 is the root; handles are
+    node indices; ``logq[i]`` is the log-prob of node i given its parent."""
+
+    ROOT = 0
+
+    def __init__(self, tokens: list[int], parents: list[int], logq: list[float], source: int = 0):
+        kids: list[list[Candidate]] = [[] for _ in tokens]
+        depth = [0] * len(tokens)
+        for i in range(1, len(tokens)):
+            depth[i] = depth[parents[i]] + 1
+            kids[parents[i]].append(Candidate(tokens[i], logq[i], i, source))
+        for row in kids:
+            row.sort(key=lambda c: -c.logq)
+        self._kids = kids
+        self.max_depth = max(depth, default=0)
+
+    def children(self, handle: object, depth: int) -> list[Candidate]:
+        return self._kids[handle]  # type: ignore[index]
+
+
+class Drafter:
+    """Proposes drafts. One instance serves one run; :meth:`start` begins each request.
+
+    ``feature_layers`` names target decoder layers whose hidden states the drafter reads; the engine then
+    passes their features for every token that enters the target's cache.
+    """
+
+    name = "drafter"
+    feature_layers: tuple[int, ...] = ()
+    max_depth: int = 8
+
+    def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        """A new request: ``prompt_ids`` are all prompt tokens; ``features`` those of all but the last."""
+
+    def propose(self, context_ids: list[int], max_depth: int) -> Draft:
+        """A draft continuing ``context_ids`` (committed tokens, root last), at most ``max_depth`` deep."""
+        raise NotImplementedError
+
+    def commit(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        """``tokens`` (root and accepted nodes) entered the target cache, with their ``features``."""
+
+
+class AcceptanceSurrogate:
+    """Maps draft scores to the probability that the target accepts a node."""
+
+    name = "surrogate"
+
+    def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
+        """P(child) given P(parent) and the child candidate at ``depth`` (the child's depth)."""
+        raise NotImplementedError
+
+    def observe(self, tree: Tree, accepted: list[int], scores: list[float]) -> None:
+        """Learn from one verification: ``accepted`` node indices, ``scores`` the P(v) used."""
+
+
+class CostModel:
+    """Predicts verification latency in seconds."""
+
+    name = "cost-model"
+
+    def predict(self, n: int, context: int) -> float:
+        """Seconds to verify ``n`` tree tokens on top of ``context`` cached tokens."""
+        raise NotImplementedError
+
+    def observe(self, n: int, context: int, seconds: float) -> None:
+        """A measured verification."""
+
+    def calibrate(self, measure) -> None:
+        """Optional start-up calibration; ``measure(n, context) -> seconds`` times a real forward."""
+
+
+@dataclass
+class ExpansionContext:
+    """What an expansion policy may use to size the tree this step."""
+
+    root_token: int
+    context_len: int  # tokens in the target's cache (excluding the root)
+    max_nodes: int  # hard bound on non-root nodes
+    max_depth: int  # hard bound on depth
+    surrogate: AcceptanceSurrogate
+    cost_model: CostModel
+    draft_seconds: float = 0.0  # predicted draft + overhead seconds per step
+
+
+class ExpansionPolicy:
+    """Turns a :class:`Draft` into the :class:`Tree` to verify."""
+
+    name = "expansion"
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> "BuiltTree":
+        raise NotImplementedError
+
+
+@dataclass
+class BuiltTree:
+    """A tree plus the surrogate scores P(v) the policy used for each node (root: 1.0)."""
+
+    tree: Tree
+    scores: list[float]
+
+
+class TreeBuilder:
+    """Accumulates nodes in topological order; used by expansion policies."""
+
+    def __init__(self, root_token: int):
+        self.tokens = [root_token]
+        self.parents = [-1]
+        self.logq = [0.0]
+        self.source = [0]
+        self.scores = [1.0]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, cand: Candidate, score: float) -> int:
+        self.tokens.append(cand.token)
+        self.parents.append(parent)
+        self.logq.append(cand.logq)
+        self.source.append(cand.source)
+        self.scores.append(score)
+        return len(self.tokens) - 1
+
+    def build(self) -> BuiltTree:
+        return BuiltTree(Tree.from_lists(self.tokens, self.parents, self.logq, self.source), self.scores)
+
+
+class Verdict(NamedTuple):
+    path: list[int]  # accepted node indices, root first
+    bonus: int  # the target's own token after the last accepted node
+
+
+class Verifier:
+    """Decides which path of a verified tree the target accepts. Must be exactly lossless."""
+
+    name = "verifier"
+
+    def verify(self, tree: Tree, logits: torch.Tensor, rng: "Sampler") -> Verdict:
+        """``logits`` is ``(n, V)``: row i is the target's next-token logits after node i."""
+        raise NotImplementedError
+
+
+class Sampler:
+    """The only source of randomness verifiers use (tests replace it to enumerate outcomes)."""
+
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+    def categorical(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Temperature 0 means greedy. ``top_k`` 0 and ``top_p`` 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        from .errors import SpecframeError
+
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise SpecframeError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SpecframeError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SpecframeError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution plain sampling draws from: temperature, then top-k, then top-p. ``(..., V)``."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass
+class StepRecord:
+    """What happened in one draft→verify→commit step."""
+
+    tree_size: int  # nodes verified, root included
+    accepted: int  # draft tokens accepted (bonus excluded)
+    committed: int  # tokens actually committed this step (after EOS / max_new_tokens truncation)
+    context_len: int
+    draft_s: float
+    overhead_s: float
+    verify_s: float
+    expected_accepted: float = 0.0  # sum of P(v) over non-root nodes, as the surrogate predicted
+    predicted_verify_s: float = 0.0  # the cost model's prediction for this tree
+
+
+@dataclass
+class RunStats:
+    """Summary of one generation. ``tau`` is the mean acceptance length including the bonus token."""
+
+    new_tokens: int = 0
+    steps: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        return sum(r.accepted + 1 for r in self.records) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.wall_s - self.prefill_s
+        return self.new_tokens / decode if decode > 0 else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        return sum(r.tree_size for r in self.records) / self.steps if self.steps else 0.0
+
+    def summary(self) -> dict:
+        total = lambda key: sum(getattr(r, key) for r in self.records)  # noqa: E731
+        return {
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "tau": round(self.tau, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "mean_tree_size": round(self.mean_tree_size, 3),
+            "wall_s": round(self.wall_s, 4),
+            "prefill_s": round(self.prefill_s, 4),
+            "draft_s": round(total("draft_s"), 4),
+            "overhead_s": round(total("overhead_s"), 4),
+            "verify_s": round(total("verify_s"), 4),
+        }

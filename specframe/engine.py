@@ -1,0 +1,376 @@
+"""The decoding loop: draft → expand → verify → commit, with per-step records.
+
+:class:`SpecGenerator` is built once (target loaded once, components resolved once) and reused for any
+number of :meth:`SpecGenerator.generate` calls. The output is exactly what plain decoding of the target
+would produce (greedy: token for token; sampling: in distribution) whatever the policy.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .components import (
+    AcceptanceSurrogate,
+    CostModel,
+    Drafter,
+    ExpansionContext,
+    ExpansionPolicy,
+    RunStats,
+    Sampler,
+    SamplingParams,
+    StepRecord,
+    Verifier,
+)
+from .errors import InvalidTreeError, PluginError, SpecframeError
+from .registry import COMPONENT_KINDS, PolicySpec, Registry
+from .target import Target
+from .tree import validate_tree
+
+DEFAULT_POLICY = "best-first"
+COMPONENT_ALIASES = {"cost-model": "cost_model", "costmodel": "cost_model", "expansion-policy": "expansion"}
+
+
+@dataclass
+class Generation:
+    """Result of one :meth:`SpecGenerator.generate` call."""
+
+    token_ids: list[int]  # new tokens only
+    text: str
+    prompt_ids: list[int]
+    stats: RunStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.summary()}
+
+
+@dataclass
+class Components:
+    """The resolved components of one policy, plus the names they were resolved from."""
+
+    policy: PolicySpec
+    drafter: Drafter
+    surrogate: AcceptanceSurrogate
+    cost_model: CostModel
+    expansion: ExpansionPolicy
+    names: dict[str, str]
+
+
+def parse_value(text: str):
+    """``--set`` values: Python literals where they parse (16, 0.5, True, 4,2,2), else the string."""
+    lowered = text.strip().lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered in {"none", "null"}:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """``["budget=16", "expansion.topology=2,2,1"]`` → ``{"budget": 16, "expansion.topology": (2, 2, 1)}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpecframeError(f"--set expects key=value, got '{pair}'")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def resolve_components(
+    registry: Registry,
+    target: Target,
+    policy: str = DEFAULT_POLICY,
+    drafter: str | Drafter | None = None,
+    overrides: Mapping[str, object] | None = None,
+    **objects,
+) -> Components:
+    """Resolve a policy string (``name`` or ``name:VALUE``) plus overrides into component instances.
+
+    ``overrides`` keys are ``component.param``, a bare ``param`` (routed to every component that accepts
+    it), or a component name (``surrogate``, ``cost_model``, ...) to swap that component by name.
+    ``objects`` may pass ready component instances (``surrogate=MySurrogate()``), used as they are.
+    """
+    name, _, short = policy.partition(":")
+    spec = registry.policy(name)
+    chosen: dict[str, object] = dict(spec.components())
+    defaults: dict[str, object] = dict(spec.params)
+    user: dict[str, object] = {}
+    if short:
+        if not spec.shorthand:
+            raise SpecframeError(f"policy '{name}' takes no ':VALUE' shorthand; use --set key=value")
+        user[spec.shorthand] = parse_value(short)
+    for key, value in (overrides or {}).items():
+        key = COMPONENT_ALIASES.get(key, key)
+        if key in COMPONENT_KINDS:
+            chosen[key] = value
+        else:
+            user[key] = value
+    if drafter is not None:
+        chosen["drafter"] = drafter
+    for key, obj in objects.items():
+        key = COMPONENT_ALIASES.get(key, key)
+        if key not in COMPONENT_KINDS or key == "verifier":
+            raise SpecframeError(f"unknown component '{key}'; pass one of drafter, surrogate, cost_model, expansion")
+        if obj is not None:
+            chosen[key] = obj
+    if chosen["drafter"] == "auto":
+        chosen["drafter"] = default_drafter(registry, target)
+
+    built: dict[str, object] = {}
+    names: dict[str, str] = {}
+    params = _route_params(registry, chosen, defaults, user)
+    for comp in ("drafter", "surrogate", "cost_model", "expansion"):
+        value = chosen[comp]
+        if not isinstance(value, str):
+            built[comp], names[comp] = value, getattr(value, "name", type(value).__name__)
+            continue
+        base, _, arg = value.partition(":")
+        kwargs = dict(params.get(comp, {}))
+        if arg:
+            kwargs["path"] = arg
+        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target)
+        names[comp] = value
+    names["verifier"] = str(chosen["verifier"])
+    return Components(spec, built["drafter"], built["surrogate"], built["cost_model"], built["expansion"], names)
+
+
+def default_drafter(registry: Registry, target: Target) -> str:
+    """The drafter ``auto`` resolves to: a trained drafter for this target when one is known, else ngram."""
+    return "ngram"
+
+
+def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict) -> dict[str, dict]:
+    """Assign parameters to components. User parameters must fit; defaults are dropped where a swapped-in
+    component does not take them."""
+    accepts: dict[str, set[str]] = {}
+    for comp, value in chosen.items():
+        if isinstance(value, str) and comp != "verifier":
+            accepts[comp] = set(registry.parameters(COMPONENT_KINDS[comp], value.partition(":")[0]))
+        else:
+            accepts[comp] = set()
+    out: dict[str, dict] = {comp: {} for comp in chosen}
+    for source, strict in ((defaults, False), (user, True)):
+        for key, value in source.items():
+            comp, dot, param = key.partition(".")
+            comp = COMPONENT_ALIASES.get(comp, comp)
+            if dot:
+                if comp not in COMPONENT_KINDS:
+                    raise SpecframeError(f"unknown component '{comp}' in --set {key}; use one of {', '.join(COMPONENT_KINDS)}")
+                targets = [comp] if param in accepts[comp] else []
+            else:
+                param = key
+                targets = [c for c, ps in accepts.items() if param in ps]
+            if not targets:
+                if not strict:
+                    continue
+                known = sorted(f"{c}.{p}" for c, ps in accepts.items() for p in ps)
+                raise SpecframeError(
+                    f"no component of this policy takes the parameter '{key}'; settable: {', '.join(known) or '(none)'}"
+                )
+            for comp_name in targets:
+                out[comp_name][param] = value
+    return out
+
+
+class SpecGenerator:
+    """Speculative generation with one target and one policy. Build once, call :meth:`generate` often.
+
+    >>> gen = SpecGenerator.from_pretrained(policy="best-first")          # doctest: +SKIP
+    >>> out = gen.generate("Write a haiku about trees.", max_new_tokens=32)  # doctest: +SKIP
+    >>> out.text, out.stats.tau                                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        policy: str = DEFAULT_POLICY,
+        *,
+        drafter: str | Drafter | None = None,
+        params: Mapping[str, object] | None = None,
+        registry: Registry | None = None,
+        max_tree_nodes: int = 512,
+        **objects,
+    ):
+        if max_tree_nodes <= 0:
+            raise SpecframeError(f"max_tree_nodes must be positive, got {max_tree_nodes}")
+        self.target = target
+        self.registry = registry or Registry()
+        self.components = resolve_components(self.registry, target, policy, drafter, params, **objects)
+        self.max_tree_nodes = max_tree_nodes
+        self._verifiers: dict[SamplingParams, Verifier] = {}
+        hook = self.registry.pm.hook
+        self._step_hook = hook.on_step_end if hook.on_step_end.get_hookimpls() else None
+        self._run_hook = hook.on_run_end if hook.on_run_end.get_hookimpls() else None
+        self._draft_ema = 0.0
+
+    @classmethod
+    def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",
+                        device="cpu", **kwargs) -> "SpecGenerator":
+        """Load ``target`` (hub id, local path, or ``None`` for the embedded SmolLM2) and build a generator."""
+        return cls(Target.load(target, dtype=dtype, device=device), policy, **kwargs)
+
+    @property
+    def policy_name(self) -> str:
+        return self.components.policy.name
+
+    def verifier_for(self, sampling: SamplingParams) -> tuple[str, Verifier]:
+        name = self.components.names["verifier"]
+        if name == "auto":
+            name = "greedy" if sampling.greedy else "sample"
+        key = (name, sampling)
+        if key not in self._verifiers:
+            self._verifiers[key] = self.registry.build("verifier", name, {}, target=self.target, sampling=sampling)
+        return name, self._verifiers[key]
+
+    # ------------------------------------------------------------------ generation
+    def prepare_prompt(self, prompt: str | list[int], chat: bool | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.target.encode(prompt, chat=chat)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise SpecframeError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise SpecframeError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        return ids
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        stream: Callable[[list[int]], None] | None = None,
+    ) -> Generation:
+        """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids used as they are).
+
+        Stops after an EOS token (included) exactly as plain decoding would. ``stream`` receives each
+        step's committed tokens.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = self.prepare_prompt(prompt, chat)
+        limit = self.target.max_context
+        if len(ids) + max_new_tokens > limit:
+            raise SpecframeError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                f"target '{self.target.name}' ({limit} tokens); shorten the prompt or lower max_new_tokens"
+            )
+        verifier_name, verifier = self.verifier_for(sampling)
+        return _Run(self, ids, max_new_tokens, verifier_name, verifier, Sampler(seed), stream).execute()
+
+
+class _Run:
+    """One generation's loop state (kept off the generator so generate() is re-entrant per call)."""
+
+    def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream):
+        self.gen, self.c, self.t = gen, gen.components, gen.target
+        self.ids, self.max_new = ids, max_new
+        self.verifier_name, self.verifier, self.sampler, self.stream = verifier_name, verifier, sampler, stream
+        self.eos = set(self.t.eos_token_ids)
+        self.stats = RunStats()
+
+    def _call(self, who: str, fn, *args):
+        """Call a plugin method; a failure names the plugin."""
+        try:
+            return fn(*args)
+        except SpecframeError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise PluginError(f"{who} failed: {type(err).__name__}: {err}") from err
+
+    def execute(self) -> Generation:
+        c, names = self.c, self.c.names
+        t0 = time.perf_counter()
+        session = self.t.start(c.drafter.feature_layers)
+        feats = session.prefill(self.ids[:-1])
+        self._call(f"drafter '{names['drafter']}'", c.drafter.start, list(self.ids), feats)
+        self.stats.prefill_s = time.perf_counter() - t0
+        context, out = list(self.ids), []
+        while len(out) < self.max_new:
+            committed = self.step(session, context, self.max_new - len(out))
+            out += committed
+            context += committed
+            if self.stream is not None:
+                self.stream(committed)
+            if committed[-1] in self.eos:
+                break
+        self.stats.new_tokens = len(out)
+        self.stats.wall_s = time.perf_counter() - t0
+        if self.gen._run_hook is not None:
+            self.gen._run_hook(stats=self.stats)
+        return Generation(out, self.t.decode(out), list(self.ids), self.stats)
+
+    def bounds(self, past: int, remaining: int) -> tuple[int, int]:
+        """(max non-root nodes, max depth) this step may verify."""
+        max_depth = min(remaining - 1, self.t.max_context - past - 1)
+        max_nodes = self.gen.max_tree_nodes
+        if self.t.sliding_window is not None:
+            max_nodes = min(max_nodes, self.t.sliding_window - 2 - past)
+        return max(max_nodes, 0), max(min(max_depth, max_nodes), 0)
+
+    def step(self, session, context: list[int], remaining: int) -> list[int]:
+        c, names = self.c, self.c.names
+        past = session.past
+        max_nodes, max_depth = self.bounds(past, remaining)
+        t0 = time.perf_counter()
+        draft = self._call(f"drafter '{names['drafter']}'", c.drafter.propose, context, max_depth)
+        t1 = time.perf_counter()
+        ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, self.gen._draft_ema)
+        built = self._call(f"expansion policy '{names['expansion']}'", c.expansion.expand, draft, ctx)
+        tree = built.tree
+        who = f"drafter '{names['drafter']}' with expansion policy '{names['expansion']}'"
+        validate_tree(tree, self.t.vocab_size, who)
+        if int(tree.tokens[0]) != context[-1] or tree.size - 1 > max_nodes or tree.max_depth > max_depth:
+            raise InvalidTreeError(
+                f"{who} produced a tree outside its bounds (root must be the last token, "
+                f"≤ {max_nodes} nodes, depth ≤ {max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
+            )
+        t2 = time.perf_counter()
+        fwd = session.verify(tree)
+        t3 = time.perf_counter()
+        path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
+        session.keep(path, tree.size)
+        accepted = tree.tokens[path[1:]].tolist()
+        committed = []
+        for tok in accepted + [bonus]:
+            committed.append(tok)
+            if tok in self.eos or len(committed) == remaining:
+                break
+        feats = None if fwd.features is None else fwd.features[torch.tensor(path)]
+        self._call(f"drafter '{names['drafter']}'", c.drafter.commit, tree.tokens[path].tolist(), feats)
+        self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
+        self._call(f"cost model '{names['cost_model']}'", c.cost_model.observe, tree.size, past, t3 - t2)
+        t4 = time.perf_counter()
+        record = StepRecord(
+            tree_size=tree.size,
+            accepted=len(path) - 1,
+            committed=len(committed),
+            context_len=past,
+            draft_s=t1 - t0,
+            overhead_s=(t2 - t1) + (t4 - t3),
+            verify_s=t3 - t2,
+            expected_accepted=sum(built.scores[1:]),
+            predicted_verify_s=c.cost_model.predict(tree.size, past),
+        )
+        spent = record.draft_s + record.overhead_s
+        self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.stats.steps else spent
+        self.stats.records.append(record)
+        self.stats.steps += 1
+        if self.gen._step_hook is not None:
+            self.gen._step_hook(record=record, step=self.stats.steps - 1)
+        return committed

@@ -1,0 +1,167 @@
+"""Draft trees as flat tensors in topological order, and the vectorised ops on them.
+
+A tree of ``n`` nodes is four 1-D tensors of length ``n``:
+
+* ``tokens[i]``  – token id of node ``i``;
+* ``parents[i]`` – index of its parent, ``parents[0] == -1`` (node 0 is the *root*: the last committed
+  token, which the target has not yet consumed) and ``parents[i] < i`` for every other node;
+* ``depths[i]``  – distance from the root (``depths[0] == 0``);
+* ``logq[i]``    – the drafter's log-probability of ``tokens[i]`` given its parent (``logq[0] == 0``).
+
+The target verifies the whole tree in one forward: node ``i`` sits at position ``past + depths[i]`` and
+attends to the committed prefix plus its own ancestors (and itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidTreeError
+
+
+@dataclass(frozen=True)
+class Tree:
+    tokens: torch.Tensor  # (n,) int64
+    parents: torch.Tensor  # (n,) int64, parents[0] == -1
+    depths: torch.Tensor  # (n,) int64
+    logq: torch.Tensor  # (n,) float32, draft log-prob of each node given its parent
+    source: torch.Tensor | None = None  # (n,) int64, which draft source proposed the node (optional)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max()) if self.size else 0
+
+    @classmethod
+    def root_only(cls, token: int) -> "Tree":
+        return cls.from_lists([token], [-1], [0.0])
+
+    @classmethod
+    def from_lists(
+        cls,
+        tokens: list[int],
+        parents: list[int],
+        logq: list[float] | None = None,
+        source: list[int] | None = None,
+    ) -> "Tree":
+        """Build a tree from python lists; depths are derived from ``parents``."""
+        n = len(tokens)
+        if len(parents) != n:
+            raise InvalidTreeError(f"tree has {n} tokens but {len(parents)} parents")
+        depths = [0] * n
+        for i, p in enumerate(parents):
+            if i == 0:
+                if p != -1:
+                    raise InvalidTreeError(f"node 0 must be the root (parent -1), got parent {p}")
+                continue
+            if not 0 <= p < i:
+                raise InvalidTreeError(f"node {i} has parent {p}; parents must come first (0 <= parent < {i})")
+            depths[i] = depths[p] + 1
+        return cls(
+            tokens=torch.tensor(tokens, dtype=torch.long),
+            parents=torch.tensor(parents, dtype=torch.long),
+            depths=torch.tensor(depths, dtype=torch.long),
+            logq=torch.tensor(logq if logq is not None else [0.0] * n, dtype=torch.float32),
+            source=None if source is None else torch.tensor(source, dtype=torch.long),
+        )
+
+    def children(self) -> list[list[int]]:
+        """children[i] = indices of the children of node i (ascending)."""
+        kids: list[list[int]] = [[] for _ in range(self.size)]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            kids[p].append(i)
+        return kids
+
+
+def ancestor_matrix(tree: Tree) -> torch.Tensor:
+    """(n, n) bool: ``m[i, j]`` is True iff j is i or an ancestor of i.
+
+    Vectorised by walking every node up one level at a time: O(depth) tensor ops.
+    """
+    n = tree.size
+    idx = torch.arange(n)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    m[idx, idx] = True
+    up = tree.parents.clone()  # (n,) current ancestor of each node, -1 once past the root
+    for _ in range(tree.max_depth):
+        live = up >= 0
+        m[idx[live], up[live]] = True
+        up = torch.where(live, tree.parents[up.clamp(min=0)], up)
+    return m
+
+
+def tree_attention_mask(tree: Tree, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float additive mask ``(1, 1, n, past + n)``: 0 where visible, ``finfo.min`` elsewhere.
+
+    A float mask (not bool) is essential: some attention paths add a bool mask to the scores.
+    """
+    n = tree.size
+    visible = torch.ones(n, past + n, dtype=torch.bool)
+    visible[:, past:] = ancestor_matrix(tree)
+    mask = torch.zeros(n, past + n, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def path_logq(tree: Tree) -> torch.Tensor:
+    """(n,) sum of draft log-probs along root→i (0 at the root)."""
+    return ancestor_matrix(tree).to(tree.logq.dtype) @ tree.logq
+
+
+def path_confidence(tree: Tree) -> torch.Tensor:
+    """(n,) P(v) = product of draft probabilities along root→v; P(root) = 1."""
+    return path_logq(tree).exp()
+
+
+def leaf_paths(tree: Tree) -> list[list[int]]:
+    """Every root-to-leaf path as a list of node indices (root first)."""
+    kids = tree.children()
+    parents = tree.parents.tolist()
+    paths = []
+    for leaf in (i for i in range(tree.size) if not kids[i]):
+        path = [leaf]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        paths.append(path[::-1])
+    return paths
+
+
+def validate_tree(tree: Tree, vocab_size: int, who: str) -> None:
+    """Raise :class:`InvalidTreeError` naming ``who`` if ``tree`` breaks an invariant.
+
+    Checked: shapes agree, root at 0, parents precede children, depths consistent, tokens inside the
+    vocabulary, finite draft log-probs, and no two siblings with the same token (a verifier could
+    otherwise descend into either).
+    """
+    n = tree.size
+    fields = (tree.parents, tree.depths, tree.logq)
+    if n == 0 or any(t.shape != (n,) for t in fields):
+        raise InvalidTreeError(f"{who} produced a malformed tree (empty or fields of different lengths)")
+    parents = tree.parents
+    if int(parents[0]) != -1:
+        raise InvalidTreeError(f"{who} produced a tree whose node 0 is not the root (parent {int(parents[0])})")
+    idx = torch.arange(n)
+    bad = (parents[1:] < 0) | (parents[1:] >= idx[1:])
+    if bool(bad.any()):
+        i = int(idx[1:][bad][0])
+        raise InvalidTreeError(
+            f"{who} produced an invalid tree: node {i} has parent {int(parents[i])} (must be in [0, {i}))"
+        )
+    if int(tree.depths[0]) != 0 or bool((tree.depths[1:] != tree.depths[parents[1:]] + 1).any()):
+        raise InvalidTreeError(f"{who} produced a tree whose depths do not match its parents")
+    out = (tree.tokens < 0) | (tree.tokens >= vocab_size)
+    if bool(out.any()):
+        i = int(idx[out][0])
+        raise InvalidTreeError(
+            f"{who} produced token {int(tree.tokens[i])} at node {i}, outside the vocabulary [0, {vocab_size})"
+        )
+    if not bool(torch.isfinite(tree.logq).all()):
+        raise InvalidTreeError(f"{who} produced NaN or infinite draft log-probabilities")
+    keys = parents[1:] * vocab_size + tree.tokens[1:]
+    if keys.numel() != torch.unique(keys).numel():
+        raise InvalidTreeError(f"{who} produced a tree with two siblings carrying the same token")
