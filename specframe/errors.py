@@ -17,9 +17,7 @@ class UnknownComponentError(SpecframeError):
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        super().__init__(
-            f"unknown {kind} '{name}'.{hint} Known {kind}s: {', '.join(known) or '(none)'}"
-        )
+        super().__init__(f"unknown {kind} '{name}'.{hint} Known {plural(kind)}: {', '.join(known) or '(none)'}")
         self.kind, self.name, self.known = kind, name, known
 
 
@@ -33,6 +31,10 @@ class InvalidTreeError(SpecframeError):
 
 class UnsupportedModelError(SpecframeError):
     """The target model cannot be driven safely (e.g. sliding-window cache past its window)."""
+
+
+def plural(kind: str) -> str:
+    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
 
 
 def close_matches_hint(name: str, known: Iterable[str]) -> str:

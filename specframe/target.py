@@ -234,6 +234,14 @@ def _kv_tensors(cache):
 
 
 # ---------------------------------------------------------------------- helpers
+def quiet_transformers() -> None:
+    """Hide transformers' progress bars and warnings (for the command line)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

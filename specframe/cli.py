@@ -1,0 +1,214 @@
+"""The ``specframe`` command line: ``run``, ``plugins``, ``policies`` (and commands plugins add)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SpecframeError, plural
+from .registry import COMPONENT_KINDS, KIND_HOOKS, Registry, make_plugin_set, warn_problems
+
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+class _Group(click.Group):
+    """Turns :class:`SpecframeError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SpecframeError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+
+
+def _registry(ctx: click.Context) -> Registry:
+    obj = ctx.ensure_object(dict)
+    if "registry" not in obj:
+        obj["registry"] = Registry(obj.get("plugin_set") or make_plugin_set())
+    return obj["registry"]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="specframe")
+def cli():
+    """Lossless tree speculative decoding for Hugging Face causal LMs."""
+
+
+@cli.command()
+@click.option("--policy", "-p", default=None, help="Policy bundle, optionally NAME:VALUE (e.g. best-first:32). See `specframe policies`.")
+@click.option("--target", "-m", default=None, help="Hub id, local directory, .gguf file, or smollm2-135m (the embedded default).")
+@click.option("--drafter", default=None, help="Drafter name, or NAME:PATH for drafters that load a checkpoint.")
+@click.option("--prompt", default=None, help="Prompt text (default: a short demo question).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True), default=None, help="Read the prompt from a file ('-' = stdin).")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=None)
+@click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the model's chat template (default: when it has one).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a policy parameter (repeatable), e.g. --set budget=32 or --set surrogate=NAME.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats} as JSON instead of streaming.")
+@click.pass_context
+def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
+        overrides, dtype, device, as_json):
+    """Generate text with speculative decoding and print a one-line stats summary."""
+    from .components import SamplingParams
+    from .engine import DEFAULT_POLICY, SpecGenerator, parse_overrides
+    from .target import Target, quiet_transformers
+
+    registry = _registry(ctx)
+    policy = policy or DEFAULT_POLICY
+    registry.policy(policy.partition(":")[0])  # fail fast, before loading a model
+    if drafter is not None:
+        registry.get("drafter", drafter.partition(":")[0])
+    if max_new_tokens <= 0:
+        raise SpecframeError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # validates
+    params = parse_overrides(list(overrides))
+    if prompt is not None and prompt_file is not None:
+        raise SpecframeError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        prompt = sys.stdin.read() if prompt_file == "-" else _read(prompt_file)
+    prompt = DEMO_PROMPT if prompt is None else prompt
+
+    quiet_transformers()
+    tgt = Target.load(target, dtype=dtype, device=device)
+    gen = SpecGenerator(tgt, policy, drafter=drafter, params=params, registry=registry)
+    if as_json:
+        out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
+        click.echo(json.dumps(out.to_dict()))
+        return
+    printer = _StreamPrinter(tgt)
+    out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       chat=chat, stream=printer)
+    printer.finish()
+    s = out.stats
+    names = gen.components.names
+    click.echo(
+        f"[{gen.policy_name} · drafter {names['drafter']} · {s.new_tokens} tokens in {s.wall_s:.2f} s · "
+        f"{s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f} · {s.steps} steps · mean tree {s.mean_tree_size:.1f} nodes]",
+        err=True,
+    )
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise SpecframeError(f"cannot read prompt file '{path}': {err.strerror}") from err
+
+
+class _StreamPrinter:
+    """Prints newly decoded text as tokens are committed (decoding the whole output keeps multi-byte
+    characters intact)."""
+
+    def __init__(self, target):
+        self.target, self.ids, self.shown = target, [], ""
+
+    def __call__(self, new_ids: list[int]) -> None:
+        self.ids += new_ids
+        text = self.target.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        click.echo(text[len(self.shown):], nl=False)
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        text = self.target.decode(self.ids)
+        click.echo(text[len(self.shown):])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plugins(ctx, as_json):
+    """List installed plugins, the hooks each implements, and the components they register."""
+    registry = _registry(ctx)
+    provided: dict[str, list[str]] = {}
+    for kind, table in registry.components.items():
+        for name, reg in table.items():
+            provided.setdefault(reg.plugin, []).append(f"{kind}:{name}")
+    for name, (_, plugin) in registry.policies.items():
+        provided.setdefault(plugin, []).append(f"policy:{name}")
+    rows = [
+        {"name": p.name, "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
+         "hooks": p.hooks, "provides": sorted(provided.get(p.name, []))}
+        for p in registry.plugin_set.plugins
+    ]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "problems": registry.plugin_set.problems}, indent=2))
+        return
+    for row in rows:
+        tag = "built-in" if row["builtin"] else f"{row['distribution']} {row['version']}".strip()
+        click.echo(f"{row['name']}  ({tag})")
+        click.echo(f"    hooks:    {', '.join(row['hooks']) or '-'}")
+        click.echo(f"    provides: {', '.join(row['provides']) or '-'}")
+    for problem in registry.plugin_set.problems:
+        click.echo(f"problem: {problem}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policies(ctx, as_json):
+    """List policy bundles and their components."""
+    registry = _registry(ctx)
+    rows = []
+    for name in registry.names("policy"):
+        spec, plugin = registry.policies[name]
+        rows.append({"name": name, "plugin": plugin, "description": spec.description, **spec.components(),
+                     "params": spec.params, "shorthand": spec.shorthand})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}: {row['description']}")
+        comps = " · ".join(f"{k.replace('_', '-')} {row[k]}" for k in COMPONENT_KINDS)
+        click.echo(f"    {comps}")
+        if row["params"]:
+            click.echo(f"    defaults: {', '.join(f'{k}={v}' for k, v in row['params'].items())}")
+        if row["shorthand"]:
+            click.echo(f"    {row['name']}:VALUE sets {row['shorthand']}")
+
+
+@cli.command()
+@click.pass_context
+def components(ctx):
+    """List every registered component by kind, with its parameters."""
+    registry = _registry(ctx)
+    for kind in KIND_HOOKS:
+        click.echo(f"{plural(kind)}:")
+        for name in registry.names(kind):
+            params = registry.parameters(kind, name)
+            shown = ", ".join(
+                f"{k}={p.default!r}" if p.default is not p.empty else k for k, p in params.items()
+            )
+            click.echo(f"    {name}({shown})  [{registry.components[kind][name].plugin}]")
+
+
+def build_cli(plugin_set=None) -> click.Group:
+    """The CLI with plugin commands added (``register_commands``). Problems are warned about once."""
+    plugin_set = plugin_set or make_plugin_set()
+    warn_problems(plugin_set)
+    for impl in plugin_set.pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=cli)
+        except Exception as err:  # noqa: BLE001
+            click.echo(f"specframe: warning: plugin '{impl.plugin_name}' failed in register_commands: {err}", err=True)
+    return cli
+
+
+def main(argv=None) -> None:
+    plugin_set = make_plugin_set()
+    build_cli(plugin_set).main(args=argv, obj={"plugin_set": plugin_set}, prog_name="specframe")
+
+
+if __name__ == "__main__":
+    main()
