@@ -1,9 +1,21 @@
-"""Built-in cost model ``constant``: every verification costs the same (tree size is free)."""
+"""Built-in cost models: ``constant``, ``roofline`` (calibrated online) and ``profile`` (measured tables).
+
+A cost model predicts the seconds of verifying ``n`` tree tokens on top of ``c`` cached tokens.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
 from specframe import hookimpl
+from specframe.fit import isotonic
 from specframe.components import CostModel
+from specframe.errors import SpecframeError
 
 
 class ConstantCost(CostModel):
@@ -20,6 +32,214 @@ class ConstantCost(CostModel):
         return self.seconds
 
 
+# ---------------------------------------------------------------------- roofline
+# (peak dense FLOP/s at the model's dtype, memory bandwidth bytes/s); alpha absorbs what these miss.
+DEVICES = {
+    "cpu": (1.0e11, 2.0e10),
+    "h200": (989e12, 4.8e12),
+    "h100": (989e12, 3.35e12),
+    "a100": (312e12, 2.0e12),
+    "l40s": (362e12, 0.864e12),
+    "a10g": (125e12, 0.6e12),
+    "rtx4090": (165e12, 1.0e12),
+    "gpu": (100e12, 1.0e12),
+}
+
+
+class ModelShape:
+    """FLOPs and bytes of one verification forward of a decoder-only transformer, from its config."""
+
+    def __init__(self, config, bytes_per_param: float = 4.0):
+        cfg = getattr(config, "get_text_config", lambda: config)()
+        get = lambda *names, default=None: next(  # noqa: E731
+            (getattr(cfg, k) for k in names if getattr(cfg, k, None) is not None), default
+        )
+        h = int(get("hidden_size", "n_embd", "d_model"))
+        heads = int(get("num_attention_heads", "n_head"))
+        kv = int(get("num_key_value_heads", default=heads))
+        hd = int(get("head_dim", default=h // heads))
+        inter = int(get("intermediate_size", "n_inner", default=4 * h))
+        self.layers = int(get("num_hidden_layers", "n_layer"))
+        self.vocab = int(get("vocab_size"))
+        self.hidden, self.q_width, self.kv_width = h, heads * hd, kv * hd
+        self.linear = h * self.q_width + 2 * h * self.kv_width + self.q_width * h + 3 * h * inter
+        self.b = float(bytes_per_param)
+
+    def flops(self, n: int, c: int) -> float:
+        dense = 2.0 * n * (self.layers * self.linear + self.hidden * self.vocab)
+        attention = 4.0 * self.layers * n * (c + n) * self.q_width
+        return dense + attention
+
+    def bytes(self, n: int, c: int) -> float:
+        weights = self.b * (self.layers * self.linear + self.hidden * self.vocab)
+        kv = self.b * self.layers * 2 * self.kv_width * (c + 2 * n)  # read past + new, write new
+        acts = self.b * n * self.hidden * self.layers * 8 + 4.0 * n * self.vocab
+        return weights + kv + acts
+
+
+def _fit_line(x: np.ndarray, t: np.ndarray, w: np.ndarray, prior: tuple[float, float]) -> tuple[float, float]:
+    """Non-negative weighted least squares t ≈ a·x + b, robust (Huber on relative residuals)."""
+    if len(x) == 0:
+        return prior
+    if len(x) < 2 or np.ptp(x) <= 1e-12 * max(abs(x).max(), 1e-30):
+        a = prior[0]
+        b = max(float(np.average(t - a * x, weights=w)), 0.0)
+        return a, b
+    a, b = prior
+    for _ in range(3):
+        rel = (a * x + b - t) / t
+        huber = np.minimum(1.0, 0.1 / np.maximum(np.abs(rel), 1e-12))
+        ww = w * huber / t**2
+        sw, sx, st = ww.sum(), (ww * x).sum(), (ww * t).sum()
+        sxx, sxt = (ww * x * x).sum(), (ww * x * t).sum()
+        det = sw * sxx - sx * sx
+        if det <= 0:
+            break
+        a = (sw * sxt - sx * st) / det
+        b = (sxx * st - sx * sxt) / det
+        if a < 0:
+            a, b = 0.0, st / sw
+        elif b < 0:
+            a, b = sxt / sxx, 0.0
+    return float(a), float(b)
+
+
+class Roofline(CostModel):
+    """C(n; c) = max(α_c·FLOPs/peak + β_c, α_m·Bytes/BW + β_m), calibrated online.
+
+    Seeded at start-up by a few timed forwards (``calibrate_sizes``), then refit from every measured
+    verification: a robust (Huber, relative-error) non-negative fit of each branch on the points where it
+    is the active one, over a bounded window of recent observations with exponential forgetting, so it
+    tracks the machine it runs on.
+    """
+
+    name = "roofline"
+
+    def __init__(self, target=None, device: str = "auto", peak_flops: float | None = None,
+                 bandwidth: float | None = None, window: int = 256, half_life: float = 128.0,
+                 refit_every: int = 4, calibrate_sizes: tuple[int, ...] = (1, 4, 16, 64), config=None,
+                 bytes_per_param: float | None = None):
+        config = config if config is not None else getattr(target, "config", None)
+        if config is None:
+            raise ValueError("roofline needs the target's config (pass target= or config=)")
+        if device == "auto":
+            device = _device_kind(target)
+        if device not in DEVICES and (peak_flops is None or bandwidth is None):
+            raise ValueError(f"unknown device '{device}'; known: {', '.join(DEVICES)} (or give peak_flops and bandwidth)")
+        peak, bw = DEVICES.get(device, (peak_flops, bandwidth))
+        self.peak = float(peak_flops or peak)
+        self.bandwidth = float(bandwidth or bw)
+        if bytes_per_param is None:
+            dtype = getattr(target, "dtype", None)
+            bytes_per_param = getattr(dtype, "itemsize", 2 if device != "cpu" else 4)
+        self.shape = ModelShape(config, bytes_per_param)
+        if window <= 0 or refit_every <= 0 or half_life <= 0:
+            raise ValueError("window, refit_every and half_life must be positive")
+        self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0
+        self.obs: deque = deque(maxlen=int(window))
+        self.refit_every, self.half_life = int(refit_every), float(half_life)
+        self.calibrate_sizes = tuple(calibrate_sizes)
+        self._pending = 0
+        self._cache: dict[tuple[int, int], float] = {}
+
+    def features(self, n: int, context: int) -> tuple[float, float]:
+        return self.shape.flops(n, context) / self.peak, self.shape.bytes(n, context) / self.bandwidth
+
+    def predict(self, n: int, context: int) -> float:
+        key = (n, context)
+        hit = self._cache.get(key)
+        if hit is None:
+            f, m = self.features(n, context)
+            hit = self._cache[key] = max(self.alpha_c * f + self.beta_c, self.alpha_m * m + self.beta_m)
+        return hit
+
+    def observe(self, n: int, context: int, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        self.obs.append((*self.features(n, context), float(seconds)))
+        self._pending += 1
+        if self._pending >= self.refit_every:
+            self.refit()
+
+    def calibrate(self, measure, context: int) -> None:
+        for n in self.calibrate_sizes:
+            self.observe(n, context, measure(n))
+        self.refit()
+
+    def refit(self) -> None:
+        """Refit both branches on the observation window (alternating assignment, a few rounds)."""
+        self._pending = 0
+        self._cache.clear()
+        if not self.obs:
+            return
+        arr = np.asarray(self.obs)
+        f, m, t = arr[:, 0], arr[:, 1], arr[:, 2]
+        age = np.arange(len(t))[::-1]
+        w = 0.5 ** (age / self.half_life)
+        params = (self.alpha_c, self.beta_c, self.alpha_m, self.beta_m)
+        for _ in range(4):
+            comp = params[0] * f + params[1] >= params[2] * m + params[3]
+            ac, bc = _fit_line(f[comp], t[comp], w[comp], params[:2])
+            am, bm = _fit_line(m[~comp], t[~comp], w[~comp], params[2:])
+            if (ac, bc, am, bm) == params:
+                break
+            params = (ac, bc, am, bm)
+        self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = params
+
+    def parameters(self) -> dict:
+        return {"alpha_c": self.alpha_c, "beta_c": self.beta_c, "alpha_m": self.alpha_m, "beta_m": self.beta_m}
+
+
+def _device_kind(target) -> str:
+    device = getattr(target, "device", None)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name(device).lower()
+    return next((k for k in DEVICES if k in name.replace(" ", "")), "gpu")
+
+
+# ---------------------------------------------------------------------- measured profiles
+class ProfileCost(CostModel):
+    """Reads a measured table ``{"points": [{"n", "c", "ms_median"}, ...]}`` and interpolates linearly
+    in n and c. Noise is smoothed by an isotonic (non-decreasing in n) fit per context. Contexts below the
+    table use its smallest context; n or c above it are an error naming the covered range."""
+
+    name = "profile"
+
+    def __init__(self, path: str | None = None, scale: float = 1.0):
+        if path is None:
+            raise ValueError("the profile cost model needs a table: --set cost_model.path=FILE.json")
+        p = Path(path)
+        if not p.is_file():
+            raise SpecframeError(f"profile file not found: {p}")
+        try:
+            points = json.loads(p.read_text())["points"]
+            rows = [(int(q["n"]), int(q["c"]), float(q["ms_median"]) / 1000.0) for q in points]
+        except (KeyError, TypeError, ValueError) as err:
+            raise SpecframeError(f"profile {p} is not a table of {{n, c, ms_median}} points: {err}") from err
+        self.path = p
+        self.ns = sorted({r[0] for r in rows})
+        self.cs = sorted({r[1] for r in rows})
+        table = {(n, c): s * scale for n, c, s in rows}
+        missing = [(n, c) for n in self.ns for c in self.cs if (n, c) not in table]
+        if missing:
+            raise SpecframeError(f"profile {p} has no point for n={missing[0][0]}, c={missing[0][1]}")
+        self.grid = np.array([[table[(n, c)] for n in self.ns] for c in self.cs])  # (C, N)
+        self.grid = np.stack([isotonic(row) for row in self.grid])
+
+    def predict(self, n: int, context: int) -> float:
+        if n > self.ns[-1] or context > self.cs[-1]:
+            raise SpecframeError(
+                f"profile {self.path.name} covers n ≤ {self.ns[-1]} and c ≤ {self.cs[-1]}; asked for n={n}, c={context}"
+            )
+        per_c = [float(np.interp(n, self.ns, row)) for row in self.grid]
+        return float(np.interp(context, self.cs, per_c))
+
+
 @hookimpl
 def register_cost_models(register):
     register("constant", ConstantCost)
+    register("roofline", Roofline)
+    register("profile", ProfileCost)

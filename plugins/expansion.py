@@ -1,4 +1,5 @@
-"""Built-in expansion policies: ``root-only``, ``chain``, ``static-tree`` and ``best-first``.
+"""Built-in expansion policies: ``root-only``, ``chain``, ``static-tree``, ``best-first`` and BASTION's
+``adaptive-best-first``.
 
 Each turns a :class:`~specframe.components.Draft` into the tree to verify, within the engine's hard
 bounds (``ctx.max_nodes`` non-root nodes, ``ctx.max_depth`` depth).
@@ -113,9 +114,76 @@ class BestFirst(ExpansionPolicy):
         return out.build()
 
 
+class AdaptiveBestFirst(ExpansionPolicy):
+    """BASTION's expansion: best-first by P(v), sized to maximise expected tokens per second.
+
+    With S = Σ P over the tree so far (root included, P(root) = 1), D = predicted draft + overhead
+    seconds and C(n) the cost model's verify time for n tree tokens, adding the next node (P = p) raises
+    (S) / (D + C(n)) iff  p·(D + C(n)) > S·(C(n+1) − C(n)).  The policy keeps popping while that holds and,
+    to step over bumps in a measured cost curve, looks ``patience`` nodes further; it keeps the prefix of
+    the best-first order with the highest S / (D + C(n)). With a convex cost (a roofline) the first stop is
+    already optimal. Hard bounds: ``max_nodes`` and the drafter's depth.
+    """
+
+    name = "adaptive-best-first"
+
+    def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0):
+        self.max_nodes = _positive("max_nodes", max_nodes)
+        if not isinstance(patience, int) or patience < 0 or not isinstance(min_nodes, int) or min_nodes < 0:
+            raise ValueError("patience and min_nodes must be integers >= 0")
+        self.patience, self.min_nodes = patience, min_nodes
+
+    def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
+        out = TreeBuilder(ctx.root_token)
+        limit = min(self.max_nodes, ctx.max_nodes)
+        max_depth = min(ctx.max_depth, draft.max_depth)
+        cost, c, d = ctx.cost_model, ctx.context_len, ctx.draft_seconds
+        heap: list = []
+        tie = 0
+
+        def push_children(node: int, handle: object, depth: int, p: float) -> None:
+            nonlocal tie
+            if depth >= max_depth:
+                return
+            for cand in draft.children(handle, depth):
+                score = ctx.surrogate.score(p, depth + 1, cand)
+                heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
+                tie += 1
+
+        push_children(0, draft.ROOT, 0, 1.0)
+        s, c_now = 1.0, cost.predict(1, c)
+        best_rate, best_size, since_best = s / (d + c_now), 1, 0
+        while heap and len(out) <= limit:
+            p = -heap[0][0]
+            c_next = cost.predict(len(out) + 1, c)
+            gain = p * (d + c_now) > s * (c_next - c_now)
+            if not gain and len(out) > self.min_nodes:
+                since_best += 1
+                if since_best > self.patience:
+                    break
+            _, _, parent, depth, cand = heapq.heappop(heap)
+            node = out.add(parent, cand, p)
+            push_children(node, cand.handle, depth, p)
+            s, c_now = s + p, c_next
+            rate = s / (d + c_now)
+            if rate > best_rate or len(out) <= self.min_nodes + 1:
+                best_rate, best_size, since_best = rate, len(out), 0
+        return _prefix(out, best_size)
+
+
+def _prefix(out: TreeBuilder, size: int) -> BuiltTree:
+    """The first ``size`` nodes of a builder (a prefix of a best-first order is a valid tree)."""
+    cut = TreeBuilder(out.tokens[0])
+    cut.tokens, cut.parents, cut.logq = out.tokens[:size], out.parents[:size], out.logq[:size]
+    cut.source, cut.scores = out.source[:size], out.scores[:size]
+    return cut.build()
+
+
+
 @hookimpl
 def register_expansion_policies(register):
     register("root-only", RootOnly)
     register("chain", Chain)
     register("static-tree", StaticTree)
     register("best-first", BestFirst)
+    register("adaptive-best-first", AdaptiveBestFirst)

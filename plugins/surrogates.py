@@ -1,11 +1,23 @@
-"""Built-in acceptance surrogate ``path-confidence``: P(v) = product of draft probabilities on root→v."""
+"""Built-in acceptance surrogates: ``path-confidence`` and ``calibrated``.
+
+``path-confidence``: P(v) = product of the drafter's probabilities along root→v, so E[L] = Σ_v P(v).
+
+``calibrated``: the same product, but each factor q is replaced by how often nodes of that confidence
+(binned), depth and draft source were *really* accepted when their parent was — learned online from
+every verification, monotone in q (isotonic), with a Beta prior centred on q itself so it starts out
+equal to ``path-confidence``.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from specframe import hookimpl
+from specframe.fit import isotonic
 from specframe.components import AcceptanceSurrogate, Candidate
+from specframe.tree import Tree
 
 
 class PathConfidence(AcceptanceSurrogate):
@@ -17,6 +29,58 @@ class PathConfidence(AcceptanceSurrogate):
         return parent_p * math.exp(cand.logq)
 
 
+class Calibrated(AcceptanceSurrogate):
+    """P(child) = P(parent) · r(source, depth, bin(q)), r = online acceptance rate given the parent."""
+
+    name = "calibrated"
+
+    def __init__(self, bins: int = 10, max_depth_bucket: int = 8, prior: float = 2.0, decay: float = 0.999):
+        if bins <= 0 or max_depth_bucket <= 0 or prior <= 0 or not 0 < decay <= 1:
+            raise ValueError("bins, max_depth_bucket and prior must be positive and decay in (0, 1]")
+        self.bins, self.max_depth, self.prior, self.decay = bins, max_depth_bucket, prior, decay
+        self.centres = (np.arange(bins) + 0.5) / bins
+        self.hits: dict[tuple[int, int], np.ndarray] = {}
+        self.counts: dict[tuple[int, int], np.ndarray] = {}
+        self.rates: dict[tuple[int, int], list[float]] = {}
+
+    def _bin(self, q: float) -> int:
+        return min(int(q * self.bins), self.bins - 1)
+
+    def rate(self, source: int, depth: int, q: float) -> float:
+        """The calibrated conditional acceptance probability of a node with draft probability q."""
+        table = self.rates.get((source, min(depth, self.max_depth)))
+        return q if table is None else table[self._bin(q)]
+
+    def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
+        return parent_p * self.rate(cand.source, depth, math.exp(cand.logq))
+
+    def observe(self, tree: Tree, accepted: list[int], scores: list[float]) -> None:
+        on_path = set(accepted)
+        parents = tree.parents.tolist()
+        depths = tree.depths.tolist()
+        q = tree.logq.exp().tolist()
+        sources = tree.source.tolist() if tree.source is not None else [0] * tree.size
+        touched = set()
+        for i in range(1, tree.size):
+            if parents[i] not in on_path:
+                continue  # its parent was rejected: says nothing about this node
+            key = (sources[i], min(depths[i], self.max_depth))
+            if key not in self.counts:
+                self.counts[key] = np.zeros(self.bins)
+                self.hits[key] = np.zeros(self.bins)
+            if key not in touched:
+                self.counts[key] *= self.decay
+                self.hits[key] *= self.decay
+                touched.add(key)
+            b = self._bin(q[i])
+            self.counts[key][b] += 1.0
+            self.hits[key][b] += 1.0 if i in on_path else 0.0
+        for key in touched:
+            post = (self.hits[key] + self.prior * self.centres) / (self.counts[key] + self.prior)
+            self.rates[key] = np.clip(isotonic(post, self.counts[key] + self.prior), 0.0, 1.0).tolist()
+
+
 @hookimpl
 def register_surrogates(register):
     register("path-confidence", PathConfidence)
+    register("calibrated", Calibrated)

@@ -141,8 +141,9 @@ class CostModel:
     def observe(self, n: int, context: int, seconds: float) -> None:
         """A measured verification."""
 
-    def calibrate(self, measure) -> None:
-        """Optional start-up calibration; ``measure(n, context) -> seconds`` times a real forward."""
+    def calibrate(self, measure, context: int) -> None:
+        """Optional start-up calibration, called once per generator before the first step:
+        ``measure(n) -> seconds`` times a real verification of n tokens at ``context``."""
 
 
 @dataclass

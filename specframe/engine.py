@@ -8,6 +8,7 @@ would produce (greedy: token for token; sampling: in distribution) whatever the 
 from __future__ import annotations
 
 import ast
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from .components import (
 from .errors import InvalidTreeError, PluginError, SpecframeError
 from .registry import COMPONENT_KINDS, PolicySpec, Registry
 from .target import Target
-from .tree import validate_tree
+from .tree import Tree, validate_tree
 
-DEFAULT_POLICY = "best-first"
+DEFAULT_POLICY = "bastion"
 COMPONENT_ALIASES = {"cost-model": "cost_model", "costmodel": "cost_model", "expansion-policy": "expansion"}
 
 
@@ -210,6 +211,7 @@ class SpecGenerator:
         self._step_hook = hook.on_step_end if hook.on_step_end.get_hookimpls() else None
         self._run_hook = hook.on_run_end if hook.on_run_end.get_hookimpls() else None
         self._draft_ema = 0.0
+        self._calibrated = False
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",
@@ -300,6 +302,11 @@ class _Run:
         feats = session.prefill(self.ids[:-1])
         self._call(f"drafter '{names['drafter']}'", c.drafter.start, list(self.ids), feats)
         self.stats.prefill_s = time.perf_counter() - t0
+        if not self.gen._calibrated:  # once per generator; not counted as decoding time
+            self.gen._calibrated = True
+            started = time.perf_counter()
+            self._call(f"cost model '{names['cost_model']}'", c.cost_model.calibrate, self._timer(session), session.past)
+            t0 += time.perf_counter() - started
         context, out = list(self.ids), []
         while len(out) < self.max_new:
             committed = self.step(session, context, self.max_new - len(out))
@@ -315,6 +322,23 @@ class _Run:
             self.gen._run_hook(stats=self.stats)
         return Generation(out, self.t.decode(out), list(self.ids), self.stats)
 
+    def _timer(self, session):
+        """``measure(n)``: seconds of one real verification of an n-token chain at the current context."""
+        root = self.ids[-1]
+
+        def measure(n: int) -> float:
+            n = max(1, min(n, self.t.max_context - session.past - 1))
+            tree = Tree.from_lists([root] * n, list(range(-1, n - 1)))
+            session.verify(tree)  # warm-up (allocations, kernel selection)
+            session.rollback(n)
+            start = time.perf_counter()
+            session.verify(tree)
+            seconds = time.perf_counter() - start
+            session.rollback(n)
+            return seconds
+
+        return measure
+
     def bounds(self, past: int, remaining: int) -> tuple[int, int]:
         """(max non-root nodes, max depth) this step may verify."""
         max_depth = min(remaining - 1, self.t.max_context - past - 1)
@@ -322,6 +346,14 @@ class _Run:
         if self.t.sliding_window is not None:
             max_nodes = min(max_nodes, self.t.sliding_window - 2 - past)
         return max(max_nodes, 0), max(min(max_depth, max_nodes), 0)
+
+    def check_scores(self, scores: list[float], size: int) -> None:
+        if len(scores) != size or not all(0.0 <= p <= 1.0 for p in scores):  # NaN fails both comparisons
+            bad = next((p for p in scores if not 0.0 <= p <= 1.0), f"{len(scores)} scores for {size} nodes")
+            raise PluginError(
+                f"surrogate '{self.c.names['surrogate']}' (via expansion policy '{self.c.names['expansion']}') "
+                f"gave acceptance probability {bad!r}; it must be in [0, 1]"
+            )
 
     def step(self, session, context: list[int], remaining: int) -> list[int]:
         c, names = self.c, self.c.names
@@ -340,6 +372,10 @@ class _Run:
                 f"{who} produced a tree outside its bounds (root must be the last token, "
                 f"≤ {max_nodes} nodes, depth ≤ {max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
             )
+        self.check_scores(built.scores, tree.size)
+        predicted = self._call(f"cost model '{names['cost_model']}'", c.cost_model.predict, tree.size, past)
+        if not (isinstance(predicted, (int, float)) and math.isfinite(predicted) and predicted >= 0):
+            raise PluginError(f"cost model '{names['cost_model']}' predicted {predicted!r} seconds (must be finite and >= 0)")
         t2 = time.perf_counter()
         fwd = session.verify(tree)
         t3 = time.perf_counter()
@@ -365,7 +401,7 @@ class _Run:
             overhead_s=(t2 - t1) + (t4 - t3),
             verify_s=t3 - t2,
             expected_accepted=sum(built.scores[1:]),
-            predicted_verify_s=c.cost_model.predict(tree.size, past),
+            predicted_verify_s=float(predicted),
         )
         spent = record.draft_s + record.overhead_s
         self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.stats.steps else spent

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "specframe.plugins.cost_models",
     "specframe.plugins.expansion",
     "specframe.policies.baselines",
+    "specframe.policies.bastion",
 )
 
 # registry kind -> the hook that fills it

@@ -209,6 +209,11 @@ class TargetSession:
         mask = tree_attention_mask(tree, self.past, self.target.dtype)
         return self._run(tree.tokens, self.past + tree.depths, mask)
 
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` rows added by :meth:`verify` (e.g. after a timing probe)."""
+        if n:
+            self.cache.crop(-n)
+
     @torch.inference_mode()
     def keep(self, path: list[int], tree_size: int) -> None:
         """After :meth:`verify`, keep the cache rows of the accepted ``path`` (node indices, root

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny random Hugging Face causal LMs (fp64, CPU, no network) wrapped as specframe targets.
+
+* ``TinyTokenizer`` – a tokenizer stub (no chat template; ``decode`` joins ids; optional ``eos_token_id``).
+* ``make_tiny_model(arch, ...)`` – a tiny random model of one of :data:`TINY_ARCHS` (cached per arguments;
+  treat the returned model as read-only).
+* fixtures ``tiny_model`` (Llama), ``tiny_target`` (a *fresh* :class:`specframe.Target` around it, so a
+  test may change ``eos_token_ids`` freely), ``make_target`` (factory: any arch / vocab / eos), and
+  ``greedy_reference`` (plain greedy decoding with the HF model's own argmax and no cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class TinyTokenizer:
+    """The least a :class:`specframe.Target` needs from a tokenizer."""
+
+    chat_template = None
+
+    def __init__(self, eos_token_id: int | None = None):
+        self.eos_token_id = eos_token_id
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __call__(self, text, add_special_tokens: bool = True):
+        return {"input_ids": [int(w) for w in text.split()]}
+
+
+# Every config gets these; special token ids are cleared so that no EOS is configured by accident
+# (LlamaConfig defaults to eos 2, Phi3 to pad 32000 outside a tiny vocabulary, ...).
+_COMMON = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+
+# arch name -> (transformers config class name, extra config kwargs)
+TINY_ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "phi3": ("Phi3Config", {}),
+    "gemma": ("GemmaConfig", {"head_dim": 8}),
+    "olmo": ("OlmoConfig", {}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def make_tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0):
+    """A tiny random fp64 causal LM in eval mode (cached: do not modify it)."""
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    config = getattr(transformers, cls_name)(vocab_size=vocab, **_COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = None
+        model.generation_config.bos_token_id = None
+        model.generation_config.pad_token_id = None
+    return model
+
+
+def new_target(arch: str = "llama", vocab: int = 96, seed: int = 0, eos: int | None = None):
+    from specframe import Target
+
+    return Target(make_tiny_model(arch, vocab, seed), TinyTokenizer(eos), f"tiny-{arch}")
+
+
+@torch.inference_mode()
+def plain_greedy(model, prompt: list[int], n: int, eos: set[int] | frozenset = frozenset()) -> list[int]:
+    """Plain greedy decoding: full forward of the whole sequence every step (no cache), model argmax."""
+    ids = list(prompt)
+    out: list[int] = []
+    for _ in range(n):
+        tok = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        ids.append(tok)
+        out.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_target(tiny_model):
+    """A fresh Target around the shared tiny Llama (vocab 96, fp64, no EOS)."""
+    from specframe import Target
+
+    return Target(tiny_model, TinyTokenizer(), "tiny-llama")
+
+
+@pytest.fixture
+def make_target():
+    """Factory ``make_target(arch="llama", vocab=96, seed=0, eos=None)`` -> fresh Target."""
+    return new_target
+
+
+@pytest.fixture
+def greedy_reference():
+    """``greedy_reference(model, prompt, n, eos=())`` -> plain greedy continuation (no cache)."""
+    return plain_greedy
