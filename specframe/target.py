@@ -140,6 +140,26 @@ class Target:
         x = torch.tensor([ids], device=self.device)
         return self.model(input_ids=x, use_cache=False).logits[0].float()
 
+    @torch.inference_mode()
+    def hf_generate(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int | None = None, prompt_lookup_num_tokens: int | None = None) -> list[int]:
+        """transformers' own ``generate`` (optionally its prompt-lookup assisted decoding), for comparison.
+
+        Returns the new token ids, stopping after an EOS exactly like specframe."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, num_beams=1,
+                      eos_token_id=list(self.eos_token_ids) or None, pad_token_id=(self.eos_token_ids or (0,))[0])
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        if prompt_lookup_num_tokens:
+            kwargs["prompt_lookup_num_tokens"] = int(prompt_lookup_num_tokens)
+        x = torch.tensor([ids], device=self.device)
+        out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
+        return out[0, len(ids):].tolist()
+
     def make_cache(self):
         from transformers import DynamicCache
 

@@ -1,0 +1,325 @@
+"""``specframe bench``: compared methods side by side in one process, interleaved per prompt.
+
+The model (and drafters) load once; after a warm-up, every prompt runs each method in turn (A B C A B C…)
+so machine drift hits all alike. Greedy runs check that every method's output equals ``ar``'s token for
+token and count any difference as a failure. Outputs: ``results.jsonl`` (one row per prompt × method ×
+repeat), ``summary.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import datasets
+from .components import SamplingParams
+from .engine import SpecGenerator
+from .errors import SpecframeError
+from .registry import Registry
+from .target import Target
+
+PEERS = ("hf", "hf-lookup")
+
+
+@dataclass
+class Method:
+    label: str
+    generator: SpecGenerator | None = None  # None for the transformers peers
+
+    @property
+    def peer(self) -> bool:
+        return self.generator is None
+
+
+def split_methods(spec: str) -> list[str]:
+    """``"ar,static-tree:2,2,1,bastion"`` → ``["ar", "static-tree:2,2,1", "bastion"]`` (pure numbers
+    continue the previous item's value)."""
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if out and part.replace(".", "").isdigit() and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    if not out:
+        raise SpecframeError("no methods given; e.g. --policies ar,best-first:16,bastion")
+    return out
+
+
+def check_methods(labels: list[str], registry: Registry) -> None:
+    """Fail fast (before loading a model) on unknown names."""
+    for label in labels:
+        if label not in PEERS:
+            registry.policy(label.partition(":")[0])
+
+
+def build_methods(labels: list[str], target: Target, registry: Registry, drafter=None, params=None) -> list[Method]:
+    methods = []
+    for label in labels:
+        if label in PEERS:
+            methods.append(Method(label))
+        else:
+            methods.append(Method(label, SpecGenerator(target, label, drafter=drafter, params=params, registry=registry)))
+    if "ar" not in labels:
+        methods.insert(0, Method("ar", SpecGenerator(target, "ar", registry=registry)))
+    return methods
+
+
+def machine_description(target: Target) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = str(target.device)
+    if dev.startswith("cuda"):
+        dev = torch.cuda.get_device_name(target.device)
+    return (f"{dev if dev != 'cpu' else cpu} · {os.cpu_count()} cores · torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads) · {target.dtype} · {platform.system()}")
+
+
+def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: int, sampling: SamplingParams,
+            seed: int | None) -> dict:
+    ids = target.encode_messages(prompt.messages) if prompt.messages else target.encode(prompt.text, chat=prompt.chat and target.has_chat_template)
+    if method.peer:
+        start = time.perf_counter()
+        out = target.hf_generate(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed,
+                                 prompt_lookup_num_tokens=10 if method.label == "hf-lookup" else None)
+        wall = time.perf_counter() - start
+        return {"token_ids": out, "new_tokens": len(out), "wall_time": wall}
+    gen = method.generator.generate(ids, max_new, temperature=sampling.temperature, top_k=sampling.top_k,
+                                    top_p=sampling.top_p, seed=seed)
+    s, recs = gen.stats, gen.stats.records
+    return {
+        "token_ids": gen.token_ids,
+        "new_tokens": s.new_tokens,
+        "wall_time": s.wall_s,
+        "prefill_time": s.prefill_s,
+        "decoding_steps": s.steps,
+        "accept_lengths": [r.accepted + 1 for r in recs],
+        "tree_sizes": [r.tree_size for r in recs],
+        "verify_s": [round(r.verify_s, 6) for r in recs],
+        "predicted_verify_s": [round(r.predicted_verify_s, 6) for r in recs],
+        "context_lens": [r.context_len for r in recs],
+        "draft_s": round(sum(r.draft_s for r in recs), 6),
+        "overhead_s": round(sum(r.overhead_s for r in recs), 6),
+        "tau": s.tau,
+    }
+
+
+def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_dir: str | Path, *,
+              num_prompts: int = 10, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, repeats: int = 1, seed: int = 0, drafter=None, params=None,
+              registry: Registry | None = None, progress: bool = True, plots: bool = True) -> dict:
+    if num_prompts <= 0 or max_new_tokens <= 0 or repeats <= 0:
+        raise SpecframeError("--num-prompts, --max-new-tokens and --repeats must be positive")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    registry = registry or Registry()
+    check_methods(labels, registry)
+    prompts = [p for name in dataset_names for p in datasets.load(name, num_prompts)]
+    methods = build_methods(labels, target, registry, drafter, params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    for m in methods:  # warm-up: caches, allocator, start-up calibration
+        try:
+            run_one(m, target, prompts[0], min(16, max_new_tokens), sampling, seed)
+        except SpecframeError:
+            pass
+    rows = []
+    total = len(prompts) * repeats * len(methods)
+    with _progress(progress, total) as advance, open(out / "results.jsonl", "w") as fh:
+        for prompt in prompts:
+            for rep in range(repeats):
+                reference = None
+                for m in methods:
+                    row = {"dataset": prompt.dataset, "prompt_id": prompt.id, "method": m.label, "repeat": rep}
+                    try:
+                        row.update(run_one(m, target, prompt, max_new_tokens, sampling, seed + rep))
+                        row["error"] = None
+                    except SpecframeError as err:
+                        row.update(error=str(err), token_ids=None, new_tokens=0, wall_time=None)
+                    if m.label == "ar":
+                        reference = row.get("token_ids")
+                    if sampling.greedy and reference is not None and row["token_ids"] is not None:
+                        row["matches_ar"] = row["token_ids"] == reference
+                    rows.append(row)
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    advance(f"{prompt.dataset} {prompt.id} {m.label}")
+    summary = summarize(rows, [m.label for m in methods], sampling)
+    summary["machine"] = machine_description(target)
+    summary["target"] = target.name
+    summary["settings"] = {"datasets": dataset_names, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
+                           "temperature": temperature, "top_k": top_k, "top_p": top_p, "repeats": repeats,
+                           "drafter": drafter, "params": params or {}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    figures = make_plots(rows, summary, out) if plots else []
+    (out / "report.md").write_text(render_report(summary, figures))
+    return summary
+
+
+def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> dict:
+    """Per dataset and method: τ, tokens/s, TPOT, speedup vs ar and hf (mean ± spread over repeats)."""
+    result: dict = {"datasets": {}, "failures": []}
+    for row in rows:
+        if row.get("error"):
+            result["failures"].append({k: row[k] for k in ("dataset", "prompt_id", "method", "error")})
+        elif row.get("matches_ar") is False:
+            result["failures"].append({"dataset": row["dataset"], "prompt_id": row["prompt_id"],
+                                       "method": row["method"], "error": "greedy output differs from ar"})
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        table = {}
+        ok = [r for r in rows if r["dataset"] == ds and not r.get("error")]
+        repeats = sorted({r["repeat"] for r in ok})
+        per_rep = {lab: {rep: _rate(ok, lab, rep) for rep in repeats} for lab in labels}
+        for lab in labels:
+            mine = [r for r in ok if r["method"] == lab]
+            if not mine:
+                continue
+            tokens = sum(r["new_tokens"] for r in mine)
+            wall = sum(r["wall_time"] for r in mine)
+            entry = {"prompts": len({r["prompt_id"] for r in mine}), "new_tokens": tokens,
+                     "tokens_per_s": tokens / wall if wall else 0.0, "tpot_ms": 1000 * wall / tokens if tokens else 0.0}
+            steps = sum(r.get("decoding_steps", 0) for r in mine)
+            if steps:
+                entry["tau"] = sum(sum(r["accept_lengths"]) for r in mine) / steps
+                entry["mean_tree_size"] = sum(sum(r["tree_sizes"]) for r in mine) / steps
+            for base in ("ar", "hf"):
+                ratios = [per_rep[lab][rep] / per_rep[base][rep] for rep in repeats
+                          if base in per_rep and per_rep[base].get(rep) and per_rep[lab].get(rep)]
+                if ratios:
+                    entry[f"speedup_vs_{base}"] = statistics.fmean(ratios)
+                    entry[f"speedup_vs_{base}_spread"] = (max(ratios) - min(ratios)) / 2 if len(ratios) > 1 else 0.0
+            table[lab] = entry
+        result["datasets"][ds] = table
+    result["greedy"] = sampling.greedy
+    return result
+
+
+def _rate(rows: list[dict], label: str, rep: int) -> float | None:
+    mine = [r for r in rows if r["method"] == label and r["repeat"] == rep]
+    wall = sum(r["wall_time"] for r in mine)
+    return sum(r["new_tokens"] for r in mine) / wall if mine and wall else None
+
+
+def render_report(summary: dict, figures: list[str]) -> str:
+    s = summary["settings"]
+    lines = [
+        "# specframe bench report",
+        "",
+        f"- target: {summary['target']}",
+        f"- machine: {summary['machine']}",
+        f"- datasets: {', '.join(s['datasets'])} · {s['num_prompts']} prompts each · {s['max_new_tokens']} new tokens · "
+        f"temperature {s['temperature']} · {s['repeats']} repeat(s)",
+        "- methods ran interleaved per prompt in one process after a warm-up; speedup = tokens/s ÷ the baseline's "
+        "tokens/s on the same prompts (wall time including prefill).",
+        "",
+    ]
+    for ds, table in summary["datasets"].items():
+        lines += [f"## {ds}", "", "| method | τ (accepted + bonus per step) | mean tree size | tokens/s | TPOT ms | speedup vs ar | speedup vs hf |",
+                  "|---|---|---|---|---|---|---|"]
+        for lab, e in table.items():
+            fmt = lambda key: f"{e[key]:.2f}" if key in e else "–"  # noqa: E731
+            sp = lambda base: (f"{e[f'speedup_vs_{base}']:.2f}×" + (f" ± {e[f'speedup_vs_{base}_spread']:.2f}" if e.get(f"speedup_vs_{base}_spread") else "")) if f"speedup_vs_{base}" in e else "–"  # noqa: E731
+            lines.append(f"| {lab} | {fmt('tau')} | {fmt('mean_tree_size')} | {e['tokens_per_s']:.2f} | {e['tpot_ms']:.1f} | {sp('ar')} | {sp('hf')} |")
+        lines.append("")
+    fails = summary["failures"]
+    lines += ["## Failures", "", f"{len(fails)} failure(s)." if fails else "None: every greedy output matched `ar` token for token." if summary["greedy"] else "None.", ""]
+    lines += [f"- {f['dataset']} {f['prompt_id']} {f['method']}: {f['error']}" for f in fails[:50]]
+    if figures:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(rows: list[dict], summary: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = []
+    ds_names = list(summary["datasets"])
+    labels = list(dict.fromkeys(lab for t in summary["datasets"].values() for lab in t))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(ds_names)), 4))
+    width = 0.8 / max(len(ds_names), 1)
+    for i, ds in enumerate(ds_names):
+        vals = [summary["datasets"][ds].get(lab, {}).get("speedup_vs_ar", 0) for lab in labels]
+        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=ds)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([x + width * (len(ds_names) - 1) / 2 for x in range(len(labels))], labels, rotation=30, ha="right")
+    ax.set_ylabel("speedup vs ar")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+    names.append("speedup.png")
+
+    spec_rows = [r for r in rows if r.get("tree_sizes")]
+    spec_labels = [lab for lab in labels if any(r["method"] == lab for r in spec_rows) and lab != "ar"]
+    if spec_labels:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for lab in spec_labels:
+            sizes = [s for r in spec_rows if r["method"] == lab for s in r["tree_sizes"]]
+            acc = [a for r in spec_rows if r["method"] == lab for a in r["accept_lengths"]]
+            axes[0].hist(sizes, bins=30, histtype="step", label=lab)
+            axes[1].hist(acc, bins=range(1, max(acc) + 2), histtype="step", label=lab)
+        axes[0].set_xlabel("tree size (nodes verified)")
+        axes[1].set_xlabel("accepted length incl. bonus")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "trees.png", dpi=110)
+        plt.close(fig)
+        names.append("trees.png")
+
+    pred = [(p, v, lab) for r in spec_rows for p, v, lab in zip(r["predicted_verify_s"], r["verify_s"], [r["method"]] * len(r["verify_s"]))
+            if r["method"].startswith("bastion")]
+    if pred:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        xs, ys = [1000 * p for p, _, _ in pred], [1000 * v for _, v, _ in pred]
+        ax.scatter(xs, ys, s=6, alpha=0.5)
+        hi = max(xs + ys)
+        ax.plot([0, hi], [0, hi], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("cost model prediction (ms)")
+        ax.set_ylabel("measured verify time (ms)")
+        ax.set_title("BASTION cost model vs measurement")
+        fig.tight_layout()
+        fig.savefig(out / "cost_model.png", dpi=110)
+        plt.close(fig)
+        names.append("cost_model.png")
+    return names
+
+
+class _progress:
+    """A rich progress bar (or nothing), as a context manager yielding ``advance(description)``."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda desc: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task("bench", total=self.total)
+        return lambda desc: self.bar.update(task, advance=1, description=desc)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False

