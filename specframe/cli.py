@@ -175,6 +175,67 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
         ctx.exit(1)
 
 
+@cli.command("train-drafter")
+@click.option("--target", "-m", default=None, help="As for `run` (default: the embedded SmolLM2).")
+@click.option("--data", "data_files", default=None, help="Comma-separated self-distillation JSONL files ({prompt_ids, response_ids}); default: generate them.")
+@click.option("--num-prompts", type=int, default=2000, show_default=True, help="Prompts to generate answers for when --data is not given.")
+@click.option("--work", "work_dir", default="runs/drafter", show_default=True, type=click.Path(file_okay=False), help="Work directory (data, feature cache, checkpoint, log); reruns resume.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Export the trained drafter here (published layout, bf16).")
+@click.option("--stage", type=click.Choice(["all", "data", "features", "train", "export"]), default="all", show_default=True)
+@click.option("--max-rows", type=int, default=None, help="Use at most this many training sequences.")
+@click.option("--max-response", type=int, default=128, show_default=True, help="Response tokens kept per row (the first ones).")
+@click.option("--block-size", type=int, default=8, show_default=True)
+@click.option("--layers", "num_layers", type=int, default=2, show_default=True, help="Draft decoder layers.")
+@click.option("--target-layers", default=None, help="Comma-separated target layer ids to read (default: 3 spread over depth).")
+@click.option("--steps", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--anchors", type=int, default=4, show_default=True, help="Anchor positions per sequence.")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--time-budget", type=float, default=None, help="Minutes this invocation may run; it stops cleanly and a rerun resumes.")
+@click.pass_context
+def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage, max_rows, max_response, block_size,
+                  num_layers, target_layers, steps, batch_size, anchors, lr, time_budget):
+    """Train a DFlash block-diffusion drafter for a target by self-distillation (resumable)."""
+    import time as _time
+
+    from .target import Target, quiet_transformers
+    from .train import FeatureStore, TrainConfig, default_layer_ids, export, generate_data, read_rows, train
+
+    if min(block_size, num_layers, steps, batch_size, anchors, max_response) <= 0 or block_size < 2:
+        raise SpecframeError("--block-size (>= 2), --layers, --steps, --batch-size, --anchors and --max-response must be positive")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log_file = open(work / "train.log", "a")
+
+    def log(msg: str) -> None:
+        line = f"{_time.strftime('%H:%M:%S')} {msg}"
+        click.echo(line, err=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    deadline = _time.time() + 60 * time_budget if time_budget else None
+    quiet_transformers()
+    tgt = Target.load(target)
+    layers = [int(x) for x in target_layers.split(",")] if target_layers else default_layer_ids(tgt.num_layers)
+    cfg = TrainConfig(block_size=block_size, num_layers=num_layers, target_layer_ids=layers, steps=steps,
+                      batch_size=batch_size, anchors_per_seq=anchors, lr=lr)
+    log(f"train-drafter: target {tgt.name}, work {work}, stage {stage}, config {cfg}")
+    files = [f for f in (data_files or "").split(",") if f]
+    if stage in ("all", "data") and not files:
+        files = [str(generate_data(tgt, work / "data.jsonl", num_prompts, 256, log))]
+    if stage in ("all", "features"):
+        if not files:
+            files = [str(work / "data.jsonl")]
+        rows = read_rows(files, max_response, max_rows)
+        log(f"features: {len(rows)} usable rows from {', '.join(files)}")
+        FeatureStore(work / "features").extract(tgt, rows, tuple(layers), log=log, deadline=deadline)
+    if stage in ("all", "train"):
+        ckpt = train(tgt, FeatureStore(work / "features"), work, cfg, log=log, deadline=deadline)
+        log(f"train: checkpoint at {ckpt}")
+    if stage in ("all", "export") and out_dir:
+        log(f"export: {export(work / 'checkpoint', Path(out_dir))}")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

@@ -45,6 +45,9 @@ class Draft:
         """Children of the node at ``handle`` (which is at ``depth``), sorted by ``logq`` descending."""
         return []
 
+    def validate(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` if a candidate token is outside ``[0, vocab_size)`` or a log-prob is not finite."""
+
 
 class EmptyDraft(Draft):
     """No guesses: the tree is the root alone (plain autoregressive decoding)."""
@@ -72,6 +75,9 @@ class MarginalDraft(Draft):
     def children(self, handle: object, depth: int) -> list[Candidate]:
         return self._rows[depth] if depth < self.max_depth else []
 
+    def validate(self, vocab_size: int) -> None:
+        _check_candidates((c for row in self._rows for c in row), vocab_size)
+
 
 class TrieDraft(Draft):
     """An explicit candidate tree (e.g. prompt-lookup continuations). Node 0 is the root; handles are
@@ -92,6 +98,17 @@ class TrieDraft(Draft):
 
     def children(self, handle: object, depth: int) -> list[Candidate]:
         return self._kids[handle]  # type: ignore[index]
+
+    def validate(self, vocab_size: int) -> None:
+        _check_candidates((c for row in self._kids for c in row), vocab_size)
+
+
+def _check_candidates(cands, vocab_size: int) -> None:
+    for c in cands:
+        if not 0 <= c.token < vocab_size:
+            raise ValueError(f"draft token {c.token} is outside the vocabulary [0, {vocab_size})")
+        if not math.isfinite(c.logq):
+            raise ValueError(f"draft log-probability {c.logq} for token {c.token} is not finite")
 
 
 class Drafter:
@@ -221,7 +238,10 @@ class Sampler:
 
     def __init__(self, seed: int | None = None):
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            self.generator.seed()  # fresh entropy for this generator only; torch's global RNG is untouched
+        else:
+            self.generator.manual_seed(seed)
 
     def categorical(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -17,6 +17,7 @@ import torch
 
 from .components import (
     AcceptanceSurrogate,
+    Draft,
     CostModel,
     Drafter,
     ExpansionContext,
@@ -144,8 +145,21 @@ def resolve_components(
 
 
 def default_drafter(registry: Registry, target: Target) -> str:
-    """The drafter ``auto`` resolves to: a trained drafter for this target when one is known, else ngram."""
-    return "ngram"
+    """The drafter ``auto`` resolves to: among registered drafters whose factory says
+    ``available_for(target)``, the one with the highest ``auto_priority``; else ``ngram``."""
+    best, best_priority = "ngram", float("-inf")
+    for name in registry.names("drafter"):
+        factory = registry.get("drafter", name).factory
+        check = getattr(factory, "available_for", None)
+        priority = getattr(factory, "auto_priority", 0)
+        if check is not None and priority > best_priority:
+            try:
+                ok = bool(check(target))
+            except Exception as err:  # noqa: BLE001
+                raise PluginError(f"drafter '{name}' failed in available_for: {type(err).__name__}: {err}") from err
+            if ok:
+                best, best_priority = name, priority
+    return best
 
 
 def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict) -> dict[str, dict]:
@@ -208,8 +222,8 @@ class SpecGenerator:
         self.max_tree_nodes = max_tree_nodes
         self._verifiers: dict[SamplingParams, Verifier] = {}
         hook = self.registry.pm.hook
-        self._step_hook = hook.on_step_end if hook.on_step_end.get_hookimpls() else None
-        self._run_hook = hook.on_run_end if hook.on_run_end.get_hookimpls() else None
+        self._step_observers = hook.on_step_end.get_hookimpls()
+        self._run_observers = hook.on_run_end.get_hookimpls()
         self._draft_ema = 0.0
         self._calibrated = False
 
@@ -318,16 +332,23 @@ class _Run:
                 break
         self.stats.new_tokens = len(out)
         self.stats.wall_s = time.perf_counter() - t0
-        if self.gen._run_hook is not None:
-            self.gen._run_hook(stats=self.stats)
+        self._notify(self.gen._run_observers, "on_run_end", stats=self.stats)
         return Generation(out, self.t.decode(out), list(self.ids), self.stats)
+
+    def _notify(self, impls, hook: str, **kwargs) -> None:
+        """Call observer hooks directly (resolved once per generator); a failure names the plugin."""
+        for impl in impls:
+            args = {k: kwargs[k] for k in impl.argnames}
+            self._call(f"plugin '{impl.plugin_name}' in {hook}", impl.function, *args.values())
 
     def _timer(self, session):
         """``measure(n)``: seconds of one real verification of an n-token chain at the current context."""
         root = self.ids[-1]
 
+        room, _ = self.bounds(session.past, self.t.max_context)  # same limits as real steps
+
         def measure(n: int) -> float:
-            n = max(1, min(n, self.t.max_context - session.past - 1))
+            n = max(1, min(n, room + 1, self.t.max_context - session.past - 1))
             tree = Tree.from_lists([root] * n, list(range(-1, n - 1)))
             session.verify(tree)  # warm-up (allocations, kernel selection)
             session.rollback(n)
@@ -361,6 +382,12 @@ class _Run:
         max_nodes, max_depth = self.bounds(past, remaining)
         t0 = time.perf_counter()
         draft = self._call(f"drafter '{names['drafter']}'", c.drafter.propose, context, max_depth)
+        if not isinstance(draft, Draft):
+            raise PluginError(f"drafter '{names['drafter']}' returned {type(draft).__name__}, not a specframe Draft")
+        try:
+            draft.validate(self.t.vocab_size)
+        except ValueError as err:
+            raise InvalidTreeError(f"drafter '{names['drafter']}' produced an invalid draft: {err}") from err
         t1 = time.perf_counter()
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, self.gen._draft_ema)
         built = self._call(f"expansion policy '{names['expansion']}'", c.expansion.expand, draft, ctx)
@@ -407,6 +434,5 @@ class _Run:
         self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.stats.steps else spent
         self.stats.records.append(record)
         self.stats.steps += 1
-        if self.gen._step_hook is not None:
-            self.gen._step_hook(record=record, step=self.stats.steps - 1)
+        self._notify(self.gen._step_observers, "on_step_end", record=record, step=self.stats.steps - 1)
         return committed

@@ -29,6 +29,7 @@ OWN_DISTRIBUTION = "specframe"
 DEFAULT_PLUGINS = (
     "specframe.plugins.verifiers",
     "specframe.plugins.drafters",
+    "specframe.plugins.dflash",
     "specframe.plugins.surrogates",
     "specframe.plugins.cost_models",
     "specframe.plugins.expansion",
@@ -106,7 +107,9 @@ def _register(pm: pluggy.PluginManager, plugin: object, info: PluginInfo, proble
     try:
         pm.register(plugin, name=info.name)
     except pluggy.PluginValidationError as err:
-        problems.append(f"{label} skipped: {str(err).splitlines()[0]}")
+        if pm.has_plugin(info.name):  # older pluggy may have registered some hooks before failing
+            pm.unregister(name=info.name)
+        problems.append(f"{label} skipped: {' '.join(str(err).split())}")
         return
     except ValueError as err:  # already registered under that name
         problems.append(f"{label} skipped: {err}")

@@ -66,6 +66,7 @@ class Target:
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.2x calls it `cache`; older releases `past_key_values`.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._can_skip_logits = "logits_to_keep" in params
         layer_types = getattr(text_cfg, "layer_types", None) or []
         window = getattr(text_cfg, "sliding_window", None)
         self.sliding_window = int(window) if window and any("sliding" in t for t in layer_types) else None
@@ -134,6 +135,30 @@ class Target:
             )
         return TargetSession(self, tuple(feature_layers))
 
+    # ------------------------------------------------------------------ weights drafters reuse
+    def embedding_weight(self) -> torch.Tensor:
+        """(V, H) input embedding matrix (shared, not copied)."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H) output projection (shared, not copied)."""
+        return self.model.get_output_embeddings().weight.detach()
+
+    def layer_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Parameters of decoder layer ``index`` by their names inside the layer (copies)."""
+        base = getattr(self.model, "model", self.model)
+        return {k: v.detach().clone() for k, v in base.layers[index].state_dict().items()}
+
+    def final_norm_weight(self) -> torch.Tensor | None:
+        base = getattr(self.model, "model", self.model)
+        norm = getattr(base, "norm", None)
+        return None if norm is None else norm.weight.detach().clone()
+
+    @torch.inference_mode()
+    def features(self, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
+        """Teacher-forced hidden states (len(ids), len(layers)·H) of ``ids`` at decoder ``layers``."""
+        return self.start(tuple(layers)).prefill(ids)
+
     @torch.inference_mode()
     def forward_plain(self, ids: list[int]) -> torch.Tensor:
         """Logits (len(ids), V) of one plain causal forward without a cache (for tests and checks)."""
@@ -178,9 +203,11 @@ class TargetSession:
         self.cache = target.make_cache()
         self.past = 0
 
-    def _run(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> ForwardOut:
+    def _run(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, logits: bool = True) -> ForwardOut:
         t = self.target
         kwargs = {t._cache_kw: self.cache}
+        if not logits and t._can_skip_logits:
+            kwargs["logits_to_keep"] = 1  # the prompt's logits are never read
         out = t.model(
             input_ids=ids[None].to(t.device),
             position_ids=position_ids[None].to(t.device),
@@ -218,7 +245,7 @@ class TargetSession:
         mask = torch.zeros(n, self.past + n, dtype=self.target.dtype)
         mask.masked_fill_(~causal, torch.finfo(self.target.dtype).min)
         pos = torch.arange(self.past, self.past + n)
-        out = self._run(torch.tensor(ids), pos, mask[None, None])
+        out = self._run(torch.tensor(ids), pos, mask[None, None], logits=False)
         self.past += n
         return out.features
 
@@ -302,6 +329,9 @@ def _load_hf(spec: str, dtype: torch.dtype):
         if ggufs:
             return _load_hf(str(ggufs[0]), dtype)
         raise SpecframeError(f"'{path}' has neither config.json nor a .gguf file")
+    looks_local = spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+    if looks_local and not path.exists():
+        raise SpecframeError(f"target path not found: {path} (give a local model directory, a .gguf file or a hub id)")
     model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(spec)
     return model, tok

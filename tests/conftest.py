@@ -1,8 +1,8 @@
 """Shared fixtures: tiny random Hugging Face causal LMs (fp64, CPU, no network) wrapped as specframe targets.
 
 * ``TinyTokenizer`` – a tokenizer stub (no chat template; ``decode`` joins ids; optional ``eos_token_id``).
-* ``make_tiny_model(arch, ...)`` – a tiny random model of one of :data:`TINY_ARCHS` (cached per arguments;
-  treat the returned model as read-only).
+* ``make_tiny_model(arch, ...)`` – a tiny random model of one of :data:`TINY_ARCHS` or
+  :data:`SLIDING_ARCHS` (cached per arguments; treat the returned model as read-only).
 * fixtures ``tiny_model`` (Llama), ``tiny_target`` (a *fresh* :class:`specframe.Target` around it, so a
   test may change ``eos_token_ids`` freely), ``make_target`` (factory: any arch / vocab / eos), and
   ``greedy_reference`` (plain greedy decoding with the HF model's own argmax and no cache).
@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is much faster than two (and the test machine is small and shared).
+torch.set_num_threads(1)
 
 
 class TinyTokenizer:
@@ -63,13 +64,20 @@ TINY_ARCHS: dict[str, tuple[str, dict]] = {
     "olmo": ("OlmoConfig", {}),
 }
 
+# Sliding-window families (window 24, so tests reach it quickly). Not in TINY_ARCHS: specframe refuses to
+# grow their cache past ``window - 1`` tokens, so they need short generations.
+SLIDING_ARCHS: dict[str, tuple[str, dict]] = {
+    "mistral-sw": ("MistralConfig", {"sliding_window": 24}),  # every layer slides, no layer_types
+    "gemma2-sw": ("Gemma2Config", {"sliding_window": 24, "head_dim": 8}),  # alternating sliding / full
+}
+
 
 @functools.lru_cache(maxsize=None)
 def make_tiny_model(arch: str = "llama", vocab: int = 96, seed: int = 0):
     """A tiny random fp64 causal LM in eval mode (cached: do not modify it)."""
     import transformers
 
-    cls_name, extra = TINY_ARCHS[arch]
+    cls_name, extra = {**TINY_ARCHS, **SLIDING_ARCHS}[arch]
     config = getattr(transformers, cls_name)(vocab_size=vocab, **_COMMON, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).double().eval()

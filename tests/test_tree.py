@@ -111,7 +111,7 @@ def test_path_confidence_is_product_of_draft_probabilities(tree):
     assert conf[0].item() == pytest.approx(1.0)
     for i in range(tree.size):
         want = math.prod(math.exp(logq[j]) for j in brute_path(tree, i)[1:])
-        assert conf[i].item() == pytest.approx(want, rel=1e-5, abs=1e-12)
+        assert conf[i].item() == pytest.approx(want, rel=1e-4, abs=1e-12)
         assert path_logq(tree)[i].item() == pytest.approx(sum(logq[j] for j in brute_path(tree, i)[1:]), abs=1e-4)
 
 

