@@ -175,6 +175,85 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
         ctx.exit(1)
 
 
+@cli.command()
+@click.option("--dataset", default="mt-bench,humaneval", show_default=True)
+@click.option("--num-prompts", type=int, default=10, show_default=True)
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--target", "-m", default=None)
+@click.option("--drafter", default=None, help="Drafter to record (default: what bastion would use).")
+@click.option("--out", "out_file", default="runs/trace.jsonl", show_default=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
+    """Record a greedy acceptance trace (the drafter's proposal at every position) for `simulate`."""
+    from .datasets import load
+    from .simulate import record_trace
+    from .target import Target, quiet_transformers
+
+    registry = _registry(ctx)
+    if drafter is not None:
+        registry.get("drafter", drafter.partition(":")[0])
+    if num_prompts <= 0 or max_new_tokens <= 0:
+        raise SpecframeError("--num-prompts and --max-new-tokens must be positive")
+    prompts = [p for name in dataset.split(",") if name.strip() for p in load(name.strip(), num_prompts)]
+    quiet_transformers()
+    tgt = Target.load(target)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    record_trace(tgt, drafter, prompts, max_new_tokens, Path(out_file), registry, log=lambda m: click.echo(m, err=True))
+    click.echo(f"trace written to {out_file}")
+
+
+@cli.command()
+@click.option("--trace", "trace_file", required=True, type=click.Path(dir_okay=False), help="From `specframe trace`.")
+@click.option("--profile", "profile_file", required=True, type=click.Path(dir_okay=False),
+              help="Latency table {points: [{n, c, ms_median}]} of the device to simulate.")
+@click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
+@click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
+@click.option("--overhead-ms", type=float, default=None, help="Per-step overhead (default: the trace's median).")
+@click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
+@click.pass_context
+def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, out_dir):
+    """Replay policies over a trace with a device's latency profile (a labelled simulation)."""
+    from .bench import check_methods, split_methods
+    from .simulate import simulate as run_simulation
+    from .target import Target, quiet_transformers
+
+    registry = _registry(ctx)
+    labels = split_methods(methods)
+    check_methods(labels, registry)
+    for f in (trace_file, profile_file):
+        if not Path(f).is_file():
+            raise SpecframeError(f"file not found: {f}")
+    quiet_transformers()
+    tgt = Target.load(target)
+    run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
+                   None if overhead_ms is None else overhead_ms / 1000)
+    click.echo((Path(out_dir) / "report.md").read_text())
+
+
+@cli.command()
+@click.option("--ns", default="1,2,4,8,16,32,64,128,256", show_default=True)
+@click.option("--contexts", default="256,1024", show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--target", "-m", default=None)
+@click.option("--out", "out_file", default="runs/profile.json", show_default=True, type=click.Path(dir_okay=False))
+def profile(ns, contexts, repeats, target, out_file):
+    """Measure this machine's verify latency table (n tree tokens × context) for `simulate`."""
+    from .simulate import measure_profile
+    from .target import Target, quiet_transformers
+
+    try:
+        n_list = [int(x) for x in ns.split(",")]
+        c_list = [int(x) for x in contexts.split(",")]
+    except ValueError as err:
+        raise SpecframeError(f"--ns and --contexts take comma-separated integers: {err}") from err
+    if min(n_list + c_list) <= 0 or repeats <= 0:
+        raise SpecframeError("--ns, --contexts and --repeats must be positive")
+    quiet_transformers()
+    tgt = Target.load(target)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"profile written to {measure_profile(tgt, n_list, c_list, repeats, Path(out_file))}")
+
+
 @cli.command("train-drafter")
 @click.option("--target", "-m", default=None, help="As for `run` (default: the embedded SmolLM2).")
 @click.option("--data", "data_files", default=None, help="Comma-separated self-distillation JSONL files ({prompt_ids, response_ids}); default: generate them.")

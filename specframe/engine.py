@@ -123,8 +123,8 @@ def resolve_components(
             raise SpecframeError(f"unknown component '{key}'; pass one of drafter, surrogate, cost_model, expansion")
         if obj is not None:
             chosen[key] = obj
-    if chosen["drafter"] == "auto":
-        chosen["drafter"] = default_drafter(registry, target)
+    if chosen["drafter"] in ("auto", "auto-hybrid"):
+        chosen["drafter"] = default_drafter(registry, target, composite=chosen["drafter"] == "auto-hybrid")
 
     built: dict[str, object] = {}
     names: dict[str, str] = {}
@@ -138,18 +138,21 @@ def resolve_components(
         kwargs = dict(params.get(comp, {}))
         if arg:
             kwargs["path"] = arg
-        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target)
+        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target, registry=registry)
         names[comp] = value
     names["verifier"] = str(chosen["verifier"])
     return Components(spec, built["drafter"], built["surrogate"], built["cost_model"], built["expansion"], names)
 
 
-def default_drafter(registry: Registry, target: Target) -> str:
+def default_drafter(registry: Registry, target: Target, composite: bool = False) -> str:
     """The drafter ``auto`` resolves to: among registered drafters whose factory says
-    ``available_for(target)``, the one with the highest ``auto_priority``; else ``ngram``."""
+    ``available_for(target)``, the one with the highest ``auto_priority``; else ``ngram``. Composite
+    drafters (``composite = True``, e.g. ``hybrid``) only count for ``auto-hybrid``."""
     best, best_priority = "ngram", float("-inf")
     for name in registry.names("drafter"):
         factory = registry.get("drafter", name).factory
+        if getattr(factory, "composite", False) and not composite:
+            continue
         check = getattr(factory, "available_for", None)
         priority = getattr(factory, "auto_priority", 0)
         if check is not None and priority > best_priority:

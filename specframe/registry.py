@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "specframe.plugins.verifiers",
     "specframe.plugins.drafters",
     "specframe.plugins.dflash",
+    "specframe.plugins.hybrid",
     "specframe.plugins.surrogates",
     "specframe.plugins.cost_models",
     "specframe.plugins.expansion",
@@ -170,7 +171,8 @@ class PolicySpec:
     ``params`` maps ``"component.key"`` (component: drafter, surrogate, cost_model, expansion,
     verifier) to a default value. ``shorthand`` names the parameter set by ``name:VALUE`` (e.g.
     ``best-first:16`` sets ``expansion.budget``). ``drafter="auto"`` picks the target's trained
-    drafter when one exists, else ``ngram``; ``verifier="auto"`` picks greedy or sample by temperature.
+    drafter when one exists, else ``ngram``; ``"auto-hybrid"`` also allows composite drafters (the
+    ``hybrid`` of lookup and block drafts); ``verifier="auto"`` picks greedy or sample by temperature.
     """
 
     name: str
@@ -297,7 +299,7 @@ class Registry:
             raise PluginError(f"{kind} '{name}' (plugin '{reg.plugin}') failed to start: {type(err).__name__}: {err}") from err
 
 
-INJECTED = ("target", "sampling")
+INJECTED = ("target", "sampling", "registry")
 
 
 def warn_problems(plugin_set: PluginSet) -> None:

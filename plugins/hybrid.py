@@ -1,0 +1,129 @@
+"""Built-in composite drafter ``hybrid``: several draft sources in ONE candidate pool.
+
+Each source is any registered drafter (default: ``ngram`` prompt lookup and the target's ``dflash`` block
+drafter). Their candidates are merged node by node: children proposed by several sources at the same place
+with the same token become one node (the tree stays prefix-closed with no duplicate siblings), carrying the
+most confident source's log-prob and source id. The acceptance surrogate sees each node's source, so the
+``calibrated`` surrogate learns per-source, per-depth acceptance and BASTION's best-first order and stopping
+rule decide how many nodes of each source a step can afford. Adding a source needs no engine change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specframe import hookimpl
+from specframe.components import Candidate, Draft, Drafter, EmptyDraft
+from specframe.errors import SpecframeError
+
+
+class MergedDraft(Draft):
+    """The union of several drafts; a handle is a tuple with one handle (or None) per source."""
+
+    def __init__(self, drafts: list[Draft]):
+        self.drafts = drafts
+        self.max_depth = max((d.max_depth for d in drafts), default=0)
+        self.ROOT = tuple(d.ROOT for d in drafts)
+
+    def children(self, handle: tuple, depth: int) -> list[Candidate]:
+        merged: dict[int, list] = {}  # token -> [best logq, best source, per-source handles]
+        for src, (draft, h) in enumerate(zip(self.drafts, handle)):
+            if h is None or depth >= draft.max_depth:
+                continue
+            for cand in draft.children(h, depth):
+                slot = merged.get(cand.token)
+                if slot is None:
+                    slot = merged[cand.token] = [cand.logq, src, [None] * len(self.drafts)]
+                elif cand.logq > slot[0]:
+                    slot[0], slot[1] = cand.logq, src
+                slot[2][src] = cand.handle
+        out = [Candidate(tok, lq, tuple(hs), src) for tok, (lq, src, hs) in merged.items()]
+        out.sort(key=lambda c: -c.logq)
+        return out
+
+    def validate(self, vocab_size: int) -> None:
+        for draft in self.drafts:
+            draft.validate(vocab_size)
+
+
+class HybridDrafter(Drafter):
+    """Merges the candidates of ``sources`` (comma-separated drafter names; ``NAME:PATH`` allowed)."""
+
+    name = "hybrid"
+    auto_priority = 20
+    composite = True
+
+    def __init__(self, target=None, registry=None, sources: str | tuple = "ngram,dflash"):
+        if target is None or registry is None:
+            raise ValueError("the hybrid drafter needs the target and the registry")
+        names = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
+        if not names or "hybrid" in (n.partition(":")[0] for n in names):
+            raise SpecframeError(f"hybrid drafter needs a list of other drafters as sources, got {sources!r}")
+        self.sources = []
+        for spec in names:
+            base, _, arg = spec.partition(":")
+            self.sources.append(registry.build("drafter", base, {"path": arg} if arg else {}, target=target))
+        self.source_names = names
+        layers: list[int] = []
+        for src in self.sources:
+            layers += [layer for layer in src.feature_layers if layer not in layers]
+        self.feature_layers = tuple(layers)
+        width = target.hidden_size
+        self._slices = [
+            [i * width + j for layer in src.feature_layers for i in [layers.index(layer)] for j in range(width)]
+            for src in self.sources
+        ]
+        self._index = [torch.tensor(ix, dtype=torch.long) for ix in self._slices]
+        self.max_depth = max(src.max_depth for src in self.sources)
+
+    @classmethod
+    def available_for(cls, target) -> bool:
+        """``auto`` picks the hybrid where a block drafter is shipped for the target."""
+        from specframe.plugins.dflash import shipped_drafter
+
+        return shipped_drafter(target) is not None
+
+    def _feats(self, i: int, features: torch.Tensor | None) -> torch.Tensor | None:
+        if features is None or not self.sources[i].feature_layers:
+            return None
+        return features.index_select(-1, self._index[i].to(features.device))
+
+    def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        for i, src in enumerate(self.sources):
+            src.start(prompt_ids, self._feats(i, features))
+
+    def commit(self, tokens: list[int], features: torch.Tensor | None) -> None:
+        for i, src in enumerate(self.sources):
+            src.commit(tokens, self._feats(i, features))
+
+    def propose(self, context_ids: list[int], max_depth: int) -> Draft:
+        drafts = []
+        for i, src in enumerate(self.sources):
+            d = src.propose(context_ids, max_depth)
+            drafts.append(_relabel(d, i))
+        if all(isinstance(d, EmptyDraft) for d in drafts):
+            return EmptyDraft()
+        return MergedDraft(drafts)
+
+
+class _Relabelled(Draft):
+    """A source's draft whose candidates carry the source index."""
+
+    def __init__(self, inner: Draft, source: int):
+        self.inner, self.source = inner, source
+        self.max_depth, self.ROOT = inner.max_depth, inner.ROOT
+
+    def children(self, handle, depth):
+        return [c._replace(source=self.source) for c in self.inner.children(handle, depth)]
+
+    def validate(self, vocab_size: int) -> None:
+        self.inner.validate(vocab_size)
+
+
+def _relabel(draft: Draft, source: int) -> Draft:
+    return draft if source == 0 else _Relabelled(draft, source)
+
+
+@hookimpl
+def register_drafters(register):
+    register("hybrid", HybridDrafter)

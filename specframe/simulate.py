@@ -1,0 +1,275 @@
+"""``specframe trace`` / ``specframe simulate`` / ``specframe profile``: hardware what-ifs from one trace.
+
+Greedy acceptance does not depend on hardware: the target's greedy output is fixed, and a drafter's
+proposal at a position depends only on the committed prefix. So a trace records, for every position of
+the greedy output, the drafter's proposal there (plus measured draft time). Replaying a policy against
+that trace reproduces exactly the trees a live run would build (for policies whose choices do not depend
+on measured time) and therefore exactly its τ; the latency of each step comes from a cost profile —
+a measured table (``profile``) of any device, e.g. an H200 profile — so speedups can be predicted for
+hardware you do not have. Results are labelled as simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import datasets
+from .components import (
+    Draft,
+    Drafter,
+    EmptyDraft,
+    ExpansionContext,
+    MarginalDraft,
+    TrieDraft,
+)
+from .engine import SpecGenerator, resolve_components
+from .errors import SpecframeError
+from .registry import Registry
+from .target import Target
+
+MAX_MATERIALIZED = 4096
+
+
+# ---------------------------------------------------------------------- draft (de)serialisation
+def serialize_draft(draft: Draft) -> dict:
+    """A JSON-able description that :func:`deserialize_draft` turns back into an equivalent draft."""
+    from specframe.plugins.hybrid import MergedDraft, _Relabelled
+
+    if isinstance(draft, EmptyDraft) or draft.max_depth == 0:
+        return {"kind": "empty"}
+    if isinstance(draft, _Relabelled):
+        return {"kind": "relabel", "source": draft.source, "inner": serialize_draft(draft.inner)}
+    if isinstance(draft, MergedDraft):
+        return {"kind": "merged", "parts": [serialize_draft(d) for d in draft.drafts]}
+    if isinstance(draft, MarginalDraft):
+        rows = [draft.children(None, d) for d in range(draft.max_depth)]
+        return {"kind": "marginal", "tokens": [[c.token for c in r] for r in rows],
+                "logq": [[round(c.logq, 6) for c in r] for r in rows], "source": rows[0][0].source if rows and rows[0] else 0}
+    # any other draft: explore it breadth-first into an explicit trie (bounded)
+    tokens, parents, logq, sources = [0], [-1], [0.0], [0]
+    frontier = [(0, draft.ROOT, 0)]
+    while frontier and len(tokens) < MAX_MATERIALIZED:
+        node, handle, depth = frontier.pop(0)
+        for cand in draft.children(handle, depth):
+            if len(tokens) >= MAX_MATERIALIZED:
+                break
+            tokens.append(cand.token)
+            parents.append(node)
+            logq.append(round(cand.logq, 6))
+            sources.append(cand.source)
+            frontier.append((len(tokens) - 1, cand.handle, depth + 1))
+    return {"kind": "trie", "tokens": tokens, "parents": parents, "logq": logq, "sources": sources}
+
+
+def deserialize_draft(data: dict) -> Draft:
+    from specframe.plugins.hybrid import MergedDraft, _Relabelled
+
+    kind = data["kind"]
+    if kind == "empty":
+        return EmptyDraft()
+    if kind == "relabel":
+        return _Relabelled(deserialize_draft(data["inner"]), data["source"])
+    if kind == "merged":
+        return MergedDraft([deserialize_draft(p) for p in data["parts"]])
+    if kind == "marginal":
+        return MarginalDraft(torch.tensor(data["tokens"]), torch.tensor(data["logq"]), source=data.get("source", 0))
+    if kind == "trie":
+        return _SourcedTrie(data["tokens"], data["parents"], data["logq"], data["sources"])
+    raise SpecframeError(f"unknown draft kind '{kind}' in trace")
+
+
+class _SourcedTrie(TrieDraft):
+    def __init__(self, tokens, parents, logq, sources):
+        super().__init__(tokens, parents, logq)
+        for row in self._kids:
+            row[:] = [c._replace(source=sources[c.handle]) for c in row]
+
+
+# ---------------------------------------------------------------------- recording
+class _Recorder(Drafter):
+    """Wraps a drafter; records its proposal (and time) at every position."""
+
+    def __init__(self, inner: Drafter):
+        self.inner, self.name = inner, getattr(inner, "name", "drafter")
+        self.feature_layers, self.max_depth = inner.feature_layers, inner.max_depth
+        self.steps: list[dict] = []
+
+    def start(self, prompt_ids, features):
+        self.steps = []
+        self.inner.start(prompt_ids, features)
+
+    def commit(self, tokens, features):
+        self.inner.commit(tokens, features)
+
+    def propose(self, context_ids, max_depth):
+        t0 = time.perf_counter()
+        draft = self.inner.propose(context_ids, max_depth)  # the same bound a live step at this position gets
+        self.steps.append({"draft": serialize_draft(draft), "draft_s": time.perf_counter() - t0})
+        return EmptyDraft()  # the recording run itself decodes plainly
+
+
+def record_trace(target: Target, drafter: str | None, prompts: list[datasets.Prompt], max_new_tokens: int,
+                 out: Path, registry: Registry | None = None, log=print) -> Path:
+    """One plain greedy pass per prompt, recording the drafter's proposal at every position."""
+    registry = registry or Registry()
+    comps = resolve_components(registry, target, "bastion", drafter)
+    rec = _Recorder(comps.drafter)
+    gen = SpecGenerator(target, "ar", drafter=rec, registry=registry)
+    with open(out, "w") as fh:
+        for p in prompts:
+            ids = target.encode_messages(p.messages) if p.messages else target.encode(p.text, chat=p.chat and target.has_chat_template)
+            res = gen.generate(ids, max_new_tokens)
+            verify = [r.verify_s for r in res.stats.records]
+            fh.write(json.dumps({
+                "dataset": p.dataset, "prompt_id": p.id, "prompt_len": len(ids), "output": res.token_ids,
+                "drafter": comps.names["drafter"], "steps": rec.steps, "ar_verify_s": verify,
+                "overhead_s": [r.overhead_s for r in res.stats.records],
+            }) + "\n")
+            log(f"trace: {p.dataset} {p.id}: {len(res.token_ids)} tokens")
+    return out
+
+
+# ---------------------------------------------------------------------- replay
+@dataclass
+class SimResult:
+    tokens: int = 0
+    accepted_plus_bonus: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    tree_nodes: int = 0
+
+    @property
+    def tau(self) -> float:
+        return self.accepted_plus_bonus / self.steps if self.steps else 0.0
+
+
+def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False) -> SimResult:
+    """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``."""
+    out, plen = row["output"], row["prompt_len"]
+    res = SimResult()
+    pos = 0  # committed output tokens so far; the root is the last committed token
+    draft_ema = 0.0
+    while pos < len(out):
+        context = plen + pos - 1  # tokens in the target cache (the root is not)
+        remaining = len(out) - pos
+        step = row["steps"][pos]
+        draft = EmptyDraft() if ar else deserialize_draft(step["draft"])
+        root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
+        ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
+        built = comps.expansion.expand(draft, ctx)
+        tree = built.tree
+        kids = tree.children()
+        tokens = tree.tokens.tolist()
+        node, path = 0, [0]
+        while pos + len(path) - 1 < len(out):
+            nxt = out[pos + len(path) - 1]
+            child = next((k for k in kids[node] if tokens[k] == nxt), None)
+            if child is None:
+                break
+            node = child
+            path.append(node)
+        committed = min(len(path), remaining)
+        comps.surrogate.observe(tree, path, built.scores)
+        seconds = cost.predict(tree.size, context)
+        comps.cost_model.observe(tree.size, context, seconds)
+        spent = (0.0 if ar else step["draft_s"]) + overhead_s
+        draft_ema = spent if res.steps == 0 else 0.8 * draft_ema + 0.2 * spent
+        res.seconds += seconds + spent
+        res.tokens += committed
+        res.accepted_plus_bonus += len(path)
+        res.steps += 1
+        res.tree_nodes += tree.size
+        pos += committed
+    return res
+
+
+def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target_config_target: Target | None = None,
+             registry: Registry | None = None, overhead_s: float | None = None) -> dict:
+    """Replay every method over the trace with latencies from ``profile``; write summary.json and report.md."""
+    from specframe.plugins.cost_models import ProfileCost
+
+    registry = registry or Registry()
+    rows = [json.loads(line) for line in Path(trace).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SpecframeError(f"trace {trace} is empty")
+    cost = ProfileCost(profile)
+    if overhead_s is None:
+        over = [o for r in rows for o in r.get("overhead_s", [])]
+        overhead_s = sorted(over)[len(over) // 2] if over else 0.0
+    summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "datasets": {}}
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == ds]
+        table = {}
+        for label in ["ar"] + [lab for lab in labels if lab != "ar"]:
+            comps = _sim_components(registry, target_config_target, label, cost, mine[0])
+            total = SimResult()
+            for r in mine:
+                one = replay(r, comps, cost, overhead_s, ar=label == "ar")
+                total.tokens += one.tokens
+                total.accepted_plus_bonus += one.accepted_plus_bonus
+                total.steps += one.steps
+                total.seconds += one.seconds
+                total.tree_nodes += one.tree_nodes
+            table[label] = {"tau": total.tau, "mean_tree_size": total.tree_nodes / total.steps,
+                            "tokens_per_s": total.tokens / total.seconds, "steps": total.steps}
+        for label in table:
+            table[label]["speedup_vs_ar"] = table[label]["tokens_per_s"] / table["ar"]["tokens_per_s"]
+        summary["datasets"][ds] = table
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "report.md").write_text(render(summary, rows))
+    return summary
+
+
+def _sim_components(registry, target, label, cost, row):
+    """The policy's expansion and surrogate; its cost model sees the simulated device: a roofline is
+    calibrated on the profile (as it would calibrate online there), other cost models are kept."""
+    comps = resolve_components(registry, target, "ar" if label == "ar" else label, drafter="none")
+    name = comps.names["cost_model"]
+    if name == "roofline":
+        comps.cost_model.calibrate(lambda n: cost.predict(n, max(row["prompt_len"], 1)), max(row["prompt_len"], 1))
+    return comps
+
+
+def render(summary: dict, rows: list[dict]) -> str:
+    lines = ["# specframe SIMULATION report", "",
+             "**This is a simulation**, not a measurement: the greedy acceptance trace below was recorded on the real "
+             "target and drafter, and each step's verification latency comes from the cost profile "
+             f"`{Path(summary['profile']).name}`; draft time is the measured one, overhead "
+             f"{1000 * summary['overhead_s']:.1f} ms per step.", "",
+             f"- trace: {len(rows)} prompts, drafter `{rows[0]['drafter']}`, {sum(len(r['output']) for r in rows)} tokens", ""]
+    for ds, table in summary["datasets"].items():
+        lines += [f"## {ds}", "", "| method | τ | mean tree size | simulated tokens/s | simulated speedup vs ar |", "|---|---|---|---|---|"]
+        for lab, e in table.items():
+            lines.append(f"| {lab} | {e['tau']:.2f} | {e['mean_tree_size']:.1f} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats: int, out: Path) -> Path:
+    """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON)."""
+    from .tree import Tree
+
+    points = []
+    for c in contexts:
+        session = target.start()
+        session.prefill([0] * c)
+        for n in ns:
+            tree = Tree.from_lists([0] * n, list(range(-1, n - 1)))
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                session.verify(tree)
+                times.append(time.perf_counter() - t0)
+                session.rollback(n)
+            times = sorted(times[1:])
+            points.append({"n": n, "c": c, "ms_median": 1000 * times[len(times) // 2],
+                           "ms_min": 1000 * times[0], "ms_max": 1000 * times[-1]})
+    out.write_text(json.dumps({"model": target.name, "dtype": str(target.dtype), "device": str(target.device),
+                               "points": points}, indent=2))
+    return out
