@@ -255,6 +255,8 @@ def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats:
     """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON)."""
     from .tree import Tree
 
+    if max(contexts) + max(ns) > target.max_context:
+        raise SpecframeError(f"context {max(contexts)} + n {max(ns)} exceeds the target's context ({target.max_context})")
     points = []
     for c in contexts:
         session = target.start()

@@ -1,0 +1,141 @@
+"""`specframe bench` end to end on a tiny model, and the simulator's exact replay of a recorded trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specframe import SpecGenerator, Target
+from specframe.bench import run_bench, split_methods
+from specframe.cli import cli
+from specframe.datasets import Prompt
+from specframe.simulate import measure_profile, record_trace, simulate
+
+from conftest import TinyTokenizer
+
+PROMPTS = ["1 2 3 4 5 1 2 3 9 9 1 2", "7 7 8 1 2 3 7 7 8 1", "5 6 5 6 5 6 2"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=None, bos_token_id=None,
+                      pad_token_id=None)
+    return Target(LlamaForCausalLM(cfg).double(), TinyTokenizer(), "tiny")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chat": False}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def test_split_methods_keeps_topologies_together():
+    assert split_methods("ar,static-tree:2,2,1,bastion, best-first:16") == ["ar", "static-tree:2,2,1", "bastion", "best-first:16"]
+
+
+def test_bench_end_to_end(target, dataset, tmp_path):
+    out = tmp_path / "bench"
+    labels = ["ar", "chain", "best-first:8", "bastion", "hf", "hf-lookup"]
+    summary = run_bench(target, labels, [dataset], out, num_prompts=3, max_new_tokens=12, repeats=2, progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * len(labels)  # prompt × repeat × method
+    assert summary["failures"] == []
+    # interleaved: each (prompt, repeat) block runs every method once, in order
+    assert [r["method"] for r in rows[: len(labels)]] == labels
+    for r in rows:
+        assert r["matches_ar"] is True and r["new_tokens"] == 12
+        if r["method"] not in ("hf", "hf-lookup"):
+            assert sum(r["accept_lengths"]) >= r["new_tokens"] and len(r["tree_sizes"]) == r["decoding_steps"]
+    table = summary["datasets"]["toy"]
+    assert table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert table["ar"]["tau"] == pytest.approx(1.0)
+    for lab in labels:
+        e = table[lab]
+        assert e["new_tokens"] == 3 * 2 * 12
+        assert e["tokens_per_s"] > 0 and "speedup_vs_hf" in e
+    chain_rows = [r for r in rows if r["method"] == "chain"]
+    tau = sum(sum(r["accept_lengths"]) for r in chain_rows) / sum(r["decoding_steps"] for r in chain_rows)
+    assert table["chain"]["tau"] == pytest.approx(tau)
+    report = (out / "report.md").read_text()
+    assert "| chain |" in report and "machine:" in report
+    for png in ("speedup.png", "trees.png", "cost_model.png"):
+        assert (out / png).stat().st_size > 1000
+        assert png in report
+
+
+def test_bench_records_mismatches_as_failures(target, dataset, tmp_path, monkeypatch):
+    """A method whose greedy output differs from ar's must be reported, not hidden."""
+    import specframe.bench as bench
+
+    real = bench.run_one
+
+    def corrupt(method, *args, **kwargs):
+        row = real(method, *args, **kwargs)
+        if method.label == "chain":
+            row["token_ids"] = [t ^ 1 for t in row["token_ids"]]
+        return row
+
+    monkeypatch.setattr(bench, "run_one", corrupt)
+    summary = run_bench(target, ["ar", "chain"], [dataset], tmp_path / "b", num_prompts=2, max_new_tokens=6,
+                        progress=False, plots=False)
+    assert len(summary["failures"]) == 2 and all(f["method"] == "chain" for f in summary["failures"])
+    assert "2 failure(s)" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_bench_cli_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["bench", "--policies", "ar,nope", "--dataset", "mt-bench"])
+    assert res.exit_code == 2 and "unknown policy 'nope'" in res.output
+    res = runner.invoke(cli, ["bench", "--policies", "ar", "--dataset", "no-such-set"])
+    assert res.exit_code == 2 and "unknown dataset 'no-such-set'" in res.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = runner.invoke(cli, ["bench", "--policies", "ar", "--dataset", str(empty)])
+    assert res.exit_code == 2 and "has no prompts" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 1}\n')
+    res = runner.invoke(cli, ["bench", "--policies", "ar", "--dataset", str(bad)])
+    assert res.exit_code == 2 and "neither a 'prompt'" in res.output
+
+
+DETERMINISTIC = ["chain", "best-first:8", "best-first:3", "static-tree"]
+
+
+def test_simulator_replays_the_trace_to_the_live_tau(target, tmp_path):
+    prompts = [Prompt(str(i), "toy", text=p, chat=False) for i, p in enumerate(PROMPTS)]
+    record_trace(target, "ngram", prompts, 30, tmp_path / "trace.jsonl", log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert all(len(r["steps"]) == len(r["output"]) == 30 for r in rows)
+    measure_profile(target, [1, 2, 4, 8, 16, 32, 64], [8, 400], 1, tmp_path / "profile.json")
+    summary = simulate(tmp_path / "trace.jsonl", DETERMINISTIC, str(tmp_path / "profile.json"), tmp_path / "sim", target)
+    table = summary["datasets"]["toy"]
+    for label in DETERMINISTIC:
+        gen = SpecGenerator(target, label, drafter="ngram")
+        acc = steps = 0
+        for p in PROMPTS:
+            st = gen.generate([int(w) for w in p.split()], 30).stats
+            acc += sum(r.accepted + 1 for r in st.records)
+            steps += st.steps
+        assert table[label]["tau"] == pytest.approx(acc / steps, abs=1e-12), label
+    assert table["ar"]["tau"] == 1.0 and table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert "SIMULATION" in (tmp_path / "sim" / "report.md").read_text()
+
+
+def test_profile_missing_range_is_a_clear_error(target, tmp_path):
+    from specframe.errors import SpecframeError
+    from specframe.plugins.cost_models import ProfileCost
+
+    measure_profile(target, [1, 2, 4], [16], 1, tmp_path / "p.json")
+    cost = ProfileCost(str(tmp_path / "p.json"))
+    assert cost.predict(3, 8) > 0
+    with pytest.raises(SpecframeError, match=r"covers n ≤ 4"):
+        cost.predict(5, 16)
+    with pytest.raises(SpecframeError, match="not found"):
+        ProfileCost(str(tmp_path / "nope.json"))
