@@ -228,6 +228,7 @@ class ProfileCost(CostModel):
             raise SpecframeError(f"profile {p} has no point for n={missing[0][0]}, c={missing[0][1]}")
         self.grid = np.array([[table[(n, c)] for n in self.ns] for c in self.cs])  # (C, N)
         self.grid = np.stack([isotonic(row) for row in self.grid])
+        self.max_tokens = self.ns[-1]  # the engine keeps trees within the table
 
     def predict(self, n: int, context: int) -> float:
         if n > self.ns[-1] or context > self.cs[-1]:

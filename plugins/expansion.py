@@ -45,7 +45,7 @@ class Chain(ExpansionPolicy):
             kids = draft.children(handle, depth)
             if not kids:
                 break
-            p = ctx.surrogate.score(p, depth + 1, kids[0])
+            p = ctx.score(p, depth + 1, kids[0])
             node, handle = out.add(node, kids[0], p), kids[0].handle
         return out.build()
 
@@ -73,7 +73,7 @@ class StaticTree(ExpansionPolicy):
                 for cand in draft.children(handle, depth)[:width]:
                     if len(out) > ctx.max_nodes:
                         return out.build()
-                    score = ctx.surrogate.score(p, depth + 1, cand)
+                    score = ctx.score(p, depth + 1, cand)
                     nxt.append((out.add(node, cand, score), cand.handle, score))
             frontier = nxt
         return out.build()
@@ -102,7 +102,7 @@ class BestFirst(ExpansionPolicy):
             if depth >= max_depth:
                 return
             for cand in draft.children(handle, depth):
-                score = ctx.surrogate.score(p, depth + 1, cand)
+                score = ctx.score(p, depth + 1, cand)
                 heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
                 tie += 1
 
@@ -146,7 +146,7 @@ class AdaptiveBestFirst(ExpansionPolicy):
             if depth >= max_depth:
                 return
             for cand in draft.children(handle, depth):
-                score = ctx.surrogate.score(p, depth + 1, cand)
+                score = ctx.score(p, depth + 1, cand)
                 heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
                 tie += 1
 

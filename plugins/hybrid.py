@@ -97,13 +97,10 @@ class HybridDrafter(Drafter):
             src.commit(tokens, self._feats(i, features))
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
-        drafts = []
-        for i, src in enumerate(self.sources):
-            d = src.propose(context_ids, max_depth)
-            drafts.append(_relabel(d, i))
-        if all(isinstance(d, EmptyDraft) for d in drafts):
+        raw = [src.propose(context_ids, max_depth) for src in self.sources]
+        if all(isinstance(d, EmptyDraft) for d in raw):
             return EmptyDraft()
-        return MergedDraft(drafts)
+        return MergedDraft([_relabel(d, i) for i, d in enumerate(raw)])
 
 
 class _Relabelled(Draft):

@@ -53,10 +53,13 @@ def split_methods(spec: str) -> list[str]:
 
 
 def check_methods(labels: list[str], registry: Registry) -> None:
-    """Fail fast (before loading a model) on unknown names."""
+    """Fail fast (before loading a model) on unknown names. A method is ``POLICY[:VALUE][@DRAFTER]``."""
     for label in labels:
         if label not in PEERS:
-            registry.policy(label.partition(":")[0])
+            policy, _, drafter = label.partition("@")
+            registry.policy(policy.partition(":")[0])
+            if drafter:
+                registry.get("drafter", drafter.partition(":")[0])
 
 
 def build_methods(labels: list[str], target: Target, registry: Registry, drafter=None, params=None) -> list[Method]:
@@ -65,7 +68,12 @@ def build_methods(labels: list[str], target: Target, registry: Registry, drafter
         if label in PEERS:
             methods.append(Method(label))
         else:
-            methods.append(Method(label, SpecGenerator(target, label, drafter=drafter, params=params, registry=registry)))
+            policy, _, own_drafter = label.partition("@")
+            if policy == "ar":  # the baseline stays plain: no drafter, no overrides
+                methods.append(Method(label, SpecGenerator(target, "ar", registry=registry)))
+                continue
+            methods.append(Method(label, SpecGenerator(target, policy, drafter=own_drafter or drafter, params=params,
+                                                       registry=registry, strict_params=False)))
     if "ar" not in labels:
         methods.insert(0, Method("ar", SpecGenerator(target, "ar", registry=registry)))
     return methods

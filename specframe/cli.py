@@ -34,8 +34,15 @@ def _registry(ctx: click.Context) -> Registry:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="specframe")
-def cli():
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice). On a busy machine fewer can be faster.")
+def cli(threads):
     """Lossless tree speculative decoding for Hugging Face causal LMs."""
+    if threads is not None:
+        if threads <= 0:
+            raise SpecframeError(f"--threads must be positive, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @cli.command()
@@ -127,7 +134,7 @@ class _StreamPrinter:
 
 @cli.command()
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True,
-              help="Comma-separated policies (NAME or NAME:VALUE) and peers hf, hf-lookup.")
+              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the peers hf, hf-lookup.")
 @click.option("--dataset", default="mt-bench,humaneval", show_default=True,
               help="Comma-separated: mt-bench, mt-bench-2, humaneval, sharegpt (held-out), or .jsonl files.")
 @click.option("--num-prompts", type=int, default=10, show_default=True)

@@ -175,6 +175,15 @@ class ExpansionContext:
     cost_model: CostModel
     draft_seconds: float = 0.0  # predicted draft + overhead seconds per step
 
+    def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
+        """The surrogate's P(child), checked to lie in [0, 1] (a broken surrogate is named, not hidden)."""
+        p = self.surrogate.score(parent_p, depth, cand)
+        if not 0.0 <= p <= 1.0:  # NaN fails too
+            from .errors import PluginError
+
+            raise PluginError(f"surrogate '{component_name(self.surrogate)}' gave acceptance probability {p!r}; it must be in [0, 1]")
+        return p
+
 
 class ExpansionPolicy:
     """Turns a :class:`Draft` into the :class:`Tree` to verify."""
@@ -204,7 +213,13 @@ class TreeBuilder:
         self.scores = [1.0]
 
     def __len__(self) -> int:
+        """Nodes so far, the root included."""
         return len(self.tokens)
+
+    @property
+    def drafted(self) -> int:
+        """Non-root nodes so far (what ``ExpansionContext.max_nodes`` bounds)."""
+        return len(self.tokens) - 1
 
     def add(self, parent: int, cand: Candidate, score: float) -> int:
         self.tokens.append(cand.token)
@@ -216,6 +231,17 @@ class TreeBuilder:
 
     def build(self) -> BuiltTree:
         return BuiltTree(Tree.from_lists(self.tokens, self.parents, self.logq, self.source), self.scores)
+
+
+def component_name(obj: object) -> str:
+    """A component's ``name`` if its class sets one, else its class name."""
+    own = obj.__dict__.get("name") if hasattr(obj, "__dict__") else None
+    if own:
+        return str(own)
+    for klass in type(obj).__mro__:
+        if "name" in klass.__dict__ and klass.__module__ != __name__:
+            return str(klass.__dict__["name"])
+    return type(obj).__name__
 
 
 class Verdict(NamedTuple):

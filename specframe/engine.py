@@ -17,6 +17,7 @@ import torch
 
 from .components import (
     AcceptanceSurrogate,
+    component_name,
     Draft,
     CostModel,
     Drafter,
@@ -92,6 +93,7 @@ def resolve_components(
     policy: str = DEFAULT_POLICY,
     drafter: str | Drafter | None = None,
     overrides: Mapping[str, object] | None = None,
+    strict: bool = True,
     **objects,
 ) -> Components:
     """Resolve a policy string (``name`` or ``name:VALUE``) plus overrides into component instances.
@@ -99,6 +101,8 @@ def resolve_components(
     ``overrides`` keys are ``component.param``, a bare ``param`` (routed to every component that accepts
     it), or a component name (``surrogate``, ``cost_model``, ...) to swap that component by name.
     ``objects`` may pass ready component instances (``surrogate=MySurrogate()``), used as they are.
+    With ``strict=False`` overrides that no component of this policy takes are ignored (for applying one
+    ``--set`` to several policies).
     """
     name, _, short = policy.partition(":")
     spec = registry.policy(name)
@@ -128,11 +132,11 @@ def resolve_components(
 
     built: dict[str, object] = {}
     names: dict[str, str] = {}
-    params = _route_params(registry, chosen, defaults, user)
+    params = _route_params(registry, chosen, defaults, user, strict)
     for comp in ("drafter", "surrogate", "cost_model", "expansion"):
         value = chosen[comp]
         if not isinstance(value, str):
-            built[comp], names[comp] = value, getattr(value, "name", type(value).__name__)
+            built[comp], names[comp] = value, component_name(value)
             continue
         base, _, arg = value.partition(":")
         kwargs = dict(params.get(comp, {}))
@@ -165,7 +169,7 @@ def default_drafter(registry: Registry, target: Target, composite: bool = False)
     return best
 
 
-def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict) -> dict[str, dict]:
+def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict, strict: bool = True) -> dict[str, dict]:
     """Assign parameters to components. User parameters must fit; defaults are dropped where a swapped-in
     component does not take them."""
     accepts: dict[str, set[str]] = {}
@@ -175,7 +179,7 @@ def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict) 
         else:
             accepts[comp] = set()
     out: dict[str, dict] = {comp: {} for comp in chosen}
-    for source, strict in ((defaults, False), (user, True)):
+    for source, must_fit in ((defaults, False), (user, strict)):
         for key, value in source.items():
             comp, dot, param = key.partition(".")
             comp = COMPONENT_ALIASES.get(comp, comp)
@@ -187,7 +191,7 @@ def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict) 
                 param = key
                 targets = [c for c, ps in accepts.items() if param in ps]
             if not targets:
-                if not strict:
+                if not must_fit:
                     continue
                 known = sorted(f"{c}.{p}" for c, ps in accepts.items() for p in ps)
                 raise SpecframeError(
@@ -215,13 +219,14 @@ class SpecGenerator:
         params: Mapping[str, object] | None = None,
         registry: Registry | None = None,
         max_tree_nodes: int = 512,
+        strict_params: bool = True,
         **objects,
     ):
         if max_tree_nodes <= 0:
             raise SpecframeError(f"max_tree_nodes must be positive, got {max_tree_nodes}")
         self.target = target
         self.registry = registry or Registry()
-        self.components = resolve_components(self.registry, target, policy, drafter, params, **objects)
+        self.components = resolve_components(self.registry, target, policy, drafter, params, strict_params, **objects)
         self.max_tree_nodes = max_tree_nodes
         self._verifiers: dict[SamplingParams, Verifier] = {}
         hook = self.registry.pm.hook
@@ -355,8 +360,10 @@ class _Run:
             tree = Tree.from_lists([root] * n, list(range(-1, n - 1)))
             session.verify(tree)  # warm-up (allocations, kernel selection)
             session.rollback(n)
+            self.t.synchronize()
             start = time.perf_counter()
             session.verify(tree)
+            self.t.synchronize()
             seconds = time.perf_counter() - start
             session.rollback(n)
             return seconds
@@ -367,6 +374,9 @@ class _Run:
         """(max non-root nodes, max depth) this step may verify."""
         max_depth = min(remaining - 1, self.t.max_context - past - 1)
         max_nodes = self.gen.max_tree_nodes
+        cap = getattr(self.c.cost_model, "max_tokens", None)  # e.g. a measured table's largest n
+        if cap:
+            max_nodes = min(max_nodes, int(cap) - 1)
         if self.t.sliding_window is not None:
             max_nodes = min(max_nodes, self.t.sliding_window - 2 - past)
         return max(max_nodes, 0), max(min(max_depth, max_nodes), 0)
@@ -408,6 +418,7 @@ class _Run:
             raise PluginError(f"cost model '{names['cost_model']}' predicted {predicted!r} seconds (must be finite and >= 0)")
         t2 = time.perf_counter()
         fwd = session.verify(tree)
+        self.t.synchronize()  # so verify_s is the forward's time, not its launch time, on a GPU
         t3 = time.perf_counter()
         path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
         session.keep(path, tree.size)

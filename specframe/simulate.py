@@ -265,8 +265,10 @@ def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats:
             tree = Tree.from_lists([0] * n, list(range(-1, n - 1)))
             times = []
             for _ in range(repeats + 1):
+                target.synchronize()
                 t0 = time.perf_counter()
                 session.verify(tree)
+                target.synchronize()
                 times.append(time.perf_counter() - t0)
                 session.rollback(n)
             times = sorted(times[1:])

@@ -135,6 +135,11 @@ class Target:
             )
         return TargetSession(self, tuple(feature_layers))
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on CPU) so wall-clock timings are real."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------ weights drafters reuse
     def embedding_weight(self) -> torch.Tensor:
         """(V, H) input embedding matrix (shared, not copied)."""
