@@ -117,6 +117,7 @@ def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: in
         "decoding_steps": s.steps,
         "accept_lengths": [r.accepted + 1 for r in recs],
         "tree_sizes": [r.tree_size for r in recs],
+        "tree_depths": [r.tree_depth for r in recs],
         "verify_s": [round(r.verify_s, 6) for r in recs],
         "predicted_verify_s": [round(r.predicted_verify_s, 6) for r in recs],
         "context_lens": [r.context_len for r in recs],
@@ -204,6 +205,7 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> 
             if steps:
                 entry["tau"] = sum(sum(r["accept_lengths"]) for r in mine) / steps
                 entry["mean_tree_size"] = sum(sum(r["tree_sizes"]) for r in mine) / steps
+                entry["acceptance_by_position"] = acceptance_by_position(mine)
             for base in ("ar", "hf"):
                 ratios = [per_rep[lab][rep] / per_rep[base][rep] for rep in repeats
                           if base in per_rep and per_rep[base].get(rep) and per_rep[lab].get(rep)]
@@ -214,6 +216,17 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> 
         result["datasets"][ds] = table
     result["greedy"] = sampling.greedy
     return result
+
+
+def acceptance_by_position(rows: list[dict]) -> list[float]:
+    """For k = 1, 2, …: the share of steps whose tree reached depth k that accepted at least k tokens."""
+    pairs = [(a - 1, d) for r in rows for a, d in zip(r.get("accept_lengths", []), r.get("tree_depths", []))]
+    depth = max((d for _, d in pairs), default=0)
+    out = []
+    for k in range(1, depth + 1):
+        reach = [acc for acc, d in pairs if d >= k]
+        out.append(round(sum(acc >= k for acc in reach) / len(reach), 4) if reach else 0.0)
+    return out
 
 
 def _rate(rows: list[dict], label: str, rep: int) -> float | None:
@@ -243,6 +256,11 @@ def render_report(summary: dict, figures: list[str]) -> str:
             sp = lambda base: (f"{e[f'speedup_vs_{base}']:.2f}×" + (f" ± {e[f'speedup_vs_{base}_spread']:.2f}" if e.get(f"speedup_vs_{base}_spread") else "")) if f"speedup_vs_{base}" in e else "–"  # noqa: E731
             lines.append(f"| {lab} | {fmt('tau')} | {fmt('mean_tree_size')} | {e['tokens_per_s']:.2f} | {e['tpot_ms']:.1f} | {sp('ar')} | {sp('hf')} |")
         lines.append("")
+        acc = {lab: e["acceptance_by_position"] for lab, e in table.items() if e.get("acceptance_by_position")}
+        if acc:
+            lines += ["Acceptance by position k (share of steps whose tree reached depth k that accepted ≥ k tokens):", ""]
+            lines += [f"- {lab}: " + " · ".join(f"{a:.2f}" for a in vals[:10]) for lab, vals in acc.items()]
+            lines.append("")
     fails = summary["failures"]
     lines += ["## Failures", "", f"{len(fails)} failure(s)." if fails else "None: every greedy output matched `ar` token for token." if summary["greedy"] else "None.", ""]
     lines += [f"- {f['dataset']} {f['prompt_id']} {f['method']}: {f['error']}" for f in fails[:50]]

@@ -324,6 +324,7 @@ class StepRecord:
     draft_s: float
     overhead_s: float
     verify_s: float
+    tree_depth: int = 0  # depth of the deepest node
     expected_accepted: float = 0.0  # sum of P(v) over non-root nodes, as the surrogate predicted
     predicted_verify_s: float = 0.0  # the cost model's prediction for this tree
 

@@ -436,6 +436,7 @@ class _Run:
         record = StepRecord(
             tree_size=tree.size,
             accepted=len(path) - 1,
+            tree_depth=tree.max_depth,
             committed=len(committed),
             context_len=past,
             draft_s=t1 - t0,
