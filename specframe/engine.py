@@ -389,33 +389,52 @@ class _Run:
                 f"gave acceptance probability {bad!r}; it must be in [0, 1]"
             )
 
+    def propose(self, context: list[int], max_depth: int) -> Draft:
+        """Ask the drafter for candidates; anything but a valid Draft is an error naming it."""
+        who = f"drafter '{self.c.names['drafter']}'"
+        draft = self._call(who, self.c.drafter.propose, context, max_depth)
+        if not isinstance(draft, Draft):
+            raise PluginError(f"{who} returned {type(draft).__name__}, not a specframe Draft")
+        try:
+            draft.validate(self.t.vocab_size)
+        except ValueError as err:
+            raise InvalidTreeError(f"{who} produced an invalid draft: {err}") from err
+        return draft
+
+    def expand(self, draft: Draft, ctx: ExpansionContext):
+        """Let the expansion policy pick the tree; check it against the tree invariants and bounds."""
+        names = self.c.names
+        built = self._call(f"expansion policy '{names['expansion']}'", self.c.expansion.expand, draft, ctx)
+        tree = built.tree
+        who = f"drafter '{names['drafter']}' with expansion policy '{names['expansion']}'"
+        validate_tree(tree, self.t.vocab_size, who)
+        if int(tree.tokens[0]) != ctx.root_token or tree.size - 1 > ctx.max_nodes or tree.max_depth > ctx.max_depth:
+            raise InvalidTreeError(
+                f"{who} produced a tree outside its bounds (root must be the last token, "
+                f"≤ {ctx.max_nodes} nodes, depth ≤ {ctx.max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
+            )
+        self.check_scores(built.scores, tree.size)
+        return built
+
+    def predict_cost(self, n: int, past: int) -> float:
+        name = self.c.names["cost_model"]
+        predicted = self._call(f"cost model '{name}'", self.c.cost_model.predict, n, past)
+        if not (isinstance(predicted, (int, float)) and math.isfinite(predicted) and predicted >= 0):
+            raise PluginError(f"cost model '{name}' predicted {predicted!r} seconds (must be finite and >= 0)")
+        return float(predicted)
+
     def step(self, session, context: list[int], remaining: int) -> list[int]:
+        """One draft → expand → verify → commit step; returns the committed tokens."""
         c, names = self.c, self.c.names
         past = session.past
         max_nodes, max_depth = self.bounds(past, remaining)
         t0 = time.perf_counter()
-        draft = self._call(f"drafter '{names['drafter']}'", c.drafter.propose, context, max_depth)
-        if not isinstance(draft, Draft):
-            raise PluginError(f"drafter '{names['drafter']}' returned {type(draft).__name__}, not a specframe Draft")
-        try:
-            draft.validate(self.t.vocab_size)
-        except ValueError as err:
-            raise InvalidTreeError(f"drafter '{names['drafter']}' produced an invalid draft: {err}") from err
+        draft = self.propose(context, max_depth)
         t1 = time.perf_counter()
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, self.gen._draft_ema)
-        built = self._call(f"expansion policy '{names['expansion']}'", c.expansion.expand, draft, ctx)
+        built = self.expand(draft, ctx)
         tree = built.tree
-        who = f"drafter '{names['drafter']}' with expansion policy '{names['expansion']}'"
-        validate_tree(tree, self.t.vocab_size, who)
-        if int(tree.tokens[0]) != context[-1] or tree.size - 1 > max_nodes or tree.max_depth > max_depth:
-            raise InvalidTreeError(
-                f"{who} produced a tree outside its bounds (root must be the last token, "
-                f"≤ {max_nodes} nodes, depth ≤ {max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
-            )
-        self.check_scores(built.scores, tree.size)
-        predicted = self._call(f"cost model '{names['cost_model']}'", c.cost_model.predict, tree.size, past)
-        if not (isinstance(predicted, (int, float)) and math.isfinite(predicted) and predicted >= 0):
-            raise PluginError(f"cost model '{names['cost_model']}' predicted {predicted!r} seconds (must be finite and >= 0)")
+        predicted = self.predict_cost(tree.size, past)
         t2 = time.perf_counter()
         fwd = session.verify(tree)
         self.t.synchronize()  # so verify_s is the forward's time, not its launch time, on a GPU
