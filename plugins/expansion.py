@@ -79,6 +79,37 @@ class StaticTree(ExpansionPolicy):
         return out.build()
 
 
+class Frontier:
+    """Candidates not yet in the tree, best surrogate score first (the heap of best-first expansion)."""
+
+    def __init__(self, draft: Draft, ctx: ExpansionContext, max_depth: int):
+        self.draft, self.ctx, self.max_depth = draft, ctx, max_depth
+        self.heap: list = []
+        self.tie = 0
+        self.push_children(0, draft.ROOT, 0, 1.0)
+
+    def __bool__(self) -> bool:
+        return bool(self.heap)
+
+    def push_children(self, node: int, handle: object, depth: int, p: float) -> None:
+        """Offer the children of tree node ``node`` (draft ``handle``, at ``depth``, with score ``p``)."""
+        if depth >= self.max_depth:
+            return
+        for cand in self.draft.children(handle, depth):
+            heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, cand), self.tie, node, depth + 1, cand))
+            self.tie += 1
+
+    def best_score(self) -> float:
+        return -self.heap[0][0]
+
+    def take(self, out: TreeBuilder) -> float:
+        """Move the best candidate into ``out`` (its children become candidates); returns its score."""
+        neg, _, parent, depth, cand = heapq.heappop(self.heap)
+        node = out.add(parent, cand, -neg)
+        self.push_children(node, cand.handle, depth, -neg)
+        return -neg
+
+
 class BestFirst(ExpansionPolicy):
     """Query-dependent tree of a fixed node budget: the ``budget`` prefixes of highest P(v) (DDTree-style).
 
@@ -93,24 +124,9 @@ class BestFirst(ExpansionPolicy):
     def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
         out = TreeBuilder(ctx.root_token)
         limit = min(self.budget, ctx.max_nodes)
-        max_depth = min(ctx.max_depth, draft.max_depth)
-        heap: list = []
-        tie = 0
-
-        def push_children(node: int, handle: object, depth: int, p: float) -> None:
-            nonlocal tie
-            if depth >= max_depth:
-                return
-            for cand in draft.children(handle, depth):
-                score = ctx.score(p, depth + 1, cand)
-                heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
-                tie += 1
-
-        push_children(0, draft.ROOT, 0, 1.0)
-        while heap and len(out) <= limit:
-            neg, _, parent, depth, cand = heapq.heappop(heap)
-            node = out.add(parent, cand, -neg)
-            push_children(node, cand.handle, depth, -neg)
+        frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
+        while frontier and out.drafted < limit:
+            frontier.take(out)
         return out.build()
 
 
@@ -136,34 +152,19 @@ class AdaptiveBestFirst(ExpansionPolicy):
     def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
         out = TreeBuilder(ctx.root_token)
         limit = min(self.max_nodes, ctx.max_nodes)
-        max_depth = min(ctx.max_depth, draft.max_depth)
+        frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
         cost, c, d = ctx.cost_model, ctx.context_len, ctx.draft_seconds
-        heap: list = []
-        tie = 0
-
-        def push_children(node: int, handle: object, depth: int, p: float) -> None:
-            nonlocal tie
-            if depth >= max_depth:
-                return
-            for cand in draft.children(handle, depth):
-                score = ctx.score(p, depth + 1, cand)
-                heapq.heappush(heap, (-score, tie, node, depth + 1, cand))
-                tie += 1
-
-        push_children(0, draft.ROOT, 0, 1.0)
         s, c_now = 1.0, cost.predict(1, c)
         best_rate, best_size, since_best = s / (d + c_now), 1, 0
-        while heap and len(out) <= limit:
-            p = -heap[0][0]
+        while frontier and out.drafted < limit:
+            p = frontier.best_score()
             c_next = cost.predict(len(out) + 1, c)
             gain = p * (d + c_now) > s * (c_next - c_now)
             if not gain and len(out) > self.min_nodes:
                 since_best += 1
                 if since_best > self.patience:
                     break
-            _, _, parent, depth, cand = heapq.heappop(heap)
-            node = out.add(parent, cand, p)
-            push_children(node, cand.handle, depth, p)
+            frontier.take(out)
             s, c_now = s + p, c_next
             rate = s / (d + c_now)
             if rate > best_rate or len(out) <= self.min_nodes + 1:
@@ -177,7 +178,6 @@ def _prefix(out: TreeBuilder, size: int) -> BuiltTree:
     cut.tokens, cut.parents, cut.logq = out.tokens[:size], out.parents[:size], out.logq[:size]
     cut.source, cut.scores = out.source[:size], out.scores[:size]
     return cut.build()
-
 
 
 @hookimpl
