@@ -5,7 +5,8 @@
 ``calibrated``: the same product, but each factor q is replaced by how often nodes of that confidence
 (binned), depth and draft source were *really* accepted when their parent was — learned online from
 every verification, monotone in q (isotonic), with a Beta prior centred on q itself so it starts out
-equal to ``path-confidence``.
+equal to ``path-confidence``. A depth with no statistics yet borrows the nearest shallower depth's rates
+(deep nodes are only ever observed once their parents get accepted).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ class Calibrated(AcceptanceSurrogate):
 
     def rate(self, source: int, depth: int, q: float) -> float:
         """The calibrated conditional acceptance probability of a node with draft probability q."""
-        table = self.rates.get((source, min(depth, self.max_depth)))
-        return q if table is None else table[self._bin(q)]
+        for d in range(min(depth, self.max_depth), 0, -1):  # unseen depth: borrow the nearest shallower one
+            table = self.rates.get((source, d))
+            if table is not None:
+                return table[self._bin(q)]
+        return q
 
     def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
         return parent_p * self.rate(cand.source, depth, math.exp(cand.logq))

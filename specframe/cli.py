@@ -216,9 +216,10 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
 @click.option("--overhead-ms", type=float, default=None, help="Per-step overhead (default: the trace's median).")
+@click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing).")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
-def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, out_dir):
+def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, out_dir):
     """Replay policies over a trace with a device's latency profile (a labelled simulation)."""
     from .bench import check_methods, split_methods
     from .simulate import simulate as run_simulation
@@ -233,7 +234,7 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, out_di
     quiet_transformers()
     tgt = Target.load(target)
     run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
-                   None if overhead_ms is None else overhead_ms / 1000)
+                   None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000)
     click.echo((Path(out_dir) / "report.md").read_text())
 
 

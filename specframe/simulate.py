@@ -148,7 +148,7 @@ class SimResult:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
-def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False) -> SimResult:
+def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s: float | None = None) -> SimResult:
     """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``."""
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
@@ -177,7 +177,7 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False) -> SimRe
         comps.surrogate.observe(tree, path, built.scores)
         seconds = cost.predict(tree.size, context)
         comps.cost_model.observe(tree.size, context, seconds)
-        spent = (0.0 if ar else step["draft_s"]) + overhead_s
+        spent = (0.0 if ar else step["draft_s"] if draft_s is None else draft_s) + overhead_s
         draft_ema = spent if res.steps == 0 else 0.8 * draft_ema + 0.2 * spent
         res.seconds += seconds + spent
         res.tokens += committed
@@ -189,8 +189,11 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False) -> SimRe
 
 
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target_config_target: Target | None = None,
-             registry: Registry | None = None, overhead_s: float | None = None) -> dict:
-    """Replay every method over the trace with latencies from ``profile``; write summary.json and report.md."""
+             registry: Registry | None = None, overhead_s: float | None = None, draft_s: float | None = None) -> dict:
+    """Replay every method over the trace with latencies from ``profile``; write summary.json and report.md.
+
+    ``draft_s`` replaces the traced (measured here) draft time per step — set it when the simulated device
+    drafts at a different speed than the machine that recorded the trace."""
     from specframe.plugins.cost_models import ProfileCost
 
     registry = registry or Registry()
@@ -201,7 +204,8 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
     if overhead_s is None:
         over = [o for r in rows for o in r.get("overhead_s", [])]
         overhead_s = sorted(over)[len(over) // 2] if over else 0.0
-    summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "datasets": {}}
+    summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "draft_s": draft_s,
+                     "datasets": {}}
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == ds]
         table = {}
@@ -209,7 +213,7 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
             comps = _sim_components(registry, target_config_target, label, cost, mine[0])
             total = SimResult()
             for r in mine:
-                one = replay(r, comps, cost, overhead_s, ar=label == "ar")
+                one = replay(r, comps, cost, overhead_s, ar=label == "ar", draft_s=draft_s)
                 total.tokens += one.tokens
                 total.accepted_plus_bonus += one.accepted_plus_bonus
                 total.steps += one.steps
@@ -240,8 +244,9 @@ def render(summary: dict, rows: list[dict]) -> str:
     lines = ["# specframe SIMULATION report", "",
              "**This is a simulation**, not a measurement: the greedy acceptance trace below was recorded on the real "
              "target and drafter, and each step's verification latency comes from the cost profile "
-             f"`{Path(summary['profile']).name}`; draft time is the measured one, overhead "
-             f"{1000 * summary['overhead_s']:.1f} ms per step.", "",
+             f"`{Path(summary['profile']).name}`; draft time per step is "
+             + ("the one measured while tracing" if summary.get("draft_s") is None else f"{1000 * summary['draft_s']:.1f} ms (given)")
+             + f", overhead {1000 * summary['overhead_s']:.1f} ms per step.", "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0]['drafter']}`, {sum(len(r['output']) for r in rows)} tokens", ""]
     for ds, table in summary["datasets"].items():
         lines += [f"## {ds}", "", "| method | τ | mean tree size | simulated tokens/s | simulated speedup vs ar |", "|---|---|---|---|---|"]

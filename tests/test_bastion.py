@@ -356,7 +356,8 @@ def test_calibrated_ignores_children_of_rejected_nodes():
     cal2 = Calibrated(bins=4)
     for _ in range(50):
         cal2.observe(tree, [0], [1.0] * 4)  # nothing accepted: depth-2 node says nothing
-    assert cal2.rate(0, 2, 0.9) == 0.9
+    assert (0, 2) not in cal2.rates  # no depth-2 statistics were learned from children of rejected nodes
+    assert cal2.rate(0, 2, 0.9) == cal2.rate(0, 1, 0.9) < 0.1  # an unseen depth borrows the shallower one
 
 
 # ---------------------------------------------------------------------- 4. BASTION end to end
