@@ -69,11 +69,11 @@ class HybridDrafter(Drafter):
             layers += [layer for layer in src.feature_layers if layer not in layers]
         self.feature_layers = tuple(layers)
         width = target.hidden_size
-        self._slices = [
-            [i * width + j for layer in src.feature_layers for i in [layers.index(layer)] for j in range(width)]
+        self._index = [  # columns of each source's layers inside the concatenated features
+            torch.tensor([layers.index(layer) * width + j for layer in src.feature_layers for j in range(width)],
+                         dtype=torch.long)
             for src in self.sources
         ]
-        self._index = [torch.tensor(ix, dtype=torch.long) for ix in self._slices]
         self.max_depth = max(src.max_depth for src in self.sources)
 
     @classmethod

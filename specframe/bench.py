@@ -99,7 +99,7 @@ def machine_description(target: Target) -> str:
 
 def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: int, sampling: SamplingParams,
             seed: int | None) -> dict:
-    ids = target.encode_messages(prompt.messages) if prompt.messages else target.encode(prompt.text, chat=prompt.chat and target.has_chat_template)
+    ids = datasets.encode(prompt, target)
     if method.peer:
         start = time.perf_counter()
         out = target.hf_generate(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed,

@@ -37,6 +37,13 @@ class Prompt:
     meta: dict = field(default_factory=dict)
 
 
+def encode(prompt: Prompt, target) -> list[int]:
+    """Token ids of a benchmark prompt for ``target`` (chat template where the prompt and model use one)."""
+    if prompt.messages:
+        return target.encode_messages(prompt.messages)
+    return target.encode(prompt.text, chat=prompt.chat and target.has_chat_template)
+
+
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

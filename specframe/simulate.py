@@ -122,7 +122,7 @@ def record_trace(target: Target, drafter: str | None, prompts: list[datasets.Pro
     gen = SpecGenerator(target, "ar", drafter=rec, registry=registry)
     with open(out, "w") as fh:
         for p in prompts:
-            ids = target.encode_messages(p.messages) if p.messages else target.encode(p.text, chat=p.chat and target.has_chat_template)
+            ids = datasets.encode(p, target)
             res = gen.generate(ids, max_new_tokens)
             verify = [r.verify_s for r in res.stats.records]
             fh.write(json.dumps({

@@ -344,9 +344,8 @@ def _load_hf(spec: str, dtype: torch.dtype):
 
 def _dequantized(model):
     """A GGUF-loaded model is plain dense weights; clear the quantization markers so it can be saved."""
-    for attr in ("hf_quantizer",):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         try:
             model.is_quantized = False
