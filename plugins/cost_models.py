@@ -111,14 +111,20 @@ class Roofline(CostModel):
     verification: a robust (Huber, relative-error) non-negative fit of each branch on the points where it
     is the active one, over a bounded window of recent observations with exponential forgetting, so it
     tracks the machine it runs on.
+
+    Many runtimes run a single-token forward on a separate, faster path (matrix-vector kernels on a CPU,
+    decode kernels on some GPUs), so the time of n = 1 is not on the lines fitted for n ≥ 2. With
+    ``single_token=True`` (default) the n = 1 time is its own online estimate (a weighted median of the
+    recent single-token timings) and the two lines are fitted on n ≥ 2 only; where the paths agree (a GPU
+    in its memory-bound regime) the two estimates simply coincide.
     """
 
     name = "roofline"
 
     def __init__(self, target=None, device: str = "auto", peak_flops: float | None = None,
                  bandwidth: float | None = None, window: int = 256, half_life: float = 128.0,
-                 refit_every: int = 4, calibrate_sizes: tuple[int, ...] = (1, 4, 16, 64), config=None,
-                 bytes_per_param: float | None = None):
+                 refit_every: int = 4, calibrate_sizes: tuple[int, ...] = (1, 2, 4, 16, 64), config=None,
+                 bytes_per_param: float | None = None, single_token: bool = True):
         config = config if config is not None else getattr(target, "config", None)
         if config is None:
             raise ValueError("roofline needs the target's config (pass target= or config=)")
@@ -137,6 +143,9 @@ class Roofline(CostModel):
             raise ValueError("window, refit_every and half_life must be positive")
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0
         self.obs: deque = deque(maxlen=int(window))
+        self.single_token = bool(single_token)
+        self.single: deque = deque(maxlen=32)  # recent (seconds / line prediction) ratios at n = 1
+        self.single_ratio: float | None = None
         self.refit_every, self.half_life = int(refit_every), float(half_life)
         self.calibrate_sizes = tuple(calibrate_sizes)
         self._pending = 0
@@ -149,12 +158,26 @@ class Roofline(CostModel):
         key = (n, context)
         hit = self._cache.get(key)
         if hit is None:
-            f, m = self.features(n, context)
-            hit = self._cache[key] = max(self.alpha_c * f + self.beta_c, self.alpha_m * m + self.beta_m)
+            hit = self._line(n, context)
+            if n == 1 and self.single_ratio is not None:  # own path, never above the 2-token prediction
+                hit = self.single_ratio * hit
+                if self.obs:
+                    hit = min(hit, self._line(2, context))
+            self._cache[key] = hit
         return hit
+
+    def _line(self, n: int, context: int) -> float:
+        f, m = self.features(n, context)
+        return max(self.alpha_c * f + self.beta_c, self.alpha_m * m + self.beta_m)
 
     def observe(self, n: int, context: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        if n == 1 and self.single_token:
+            self.single.append((seconds, context))
+            self._pending += 1
+            if self._pending >= self.refit_every:
+                self.refit()
             return
         self.obs.append((*self.features(n, context), float(seconds)))
         self._pending += 1
@@ -171,6 +194,7 @@ class Roofline(CostModel):
         self._pending = 0
         self._cache.clear()
         if not self.obs:
+            self._refit_single()
             return
         arr = np.asarray(self.obs)
         f, m, t = arr[:, 0], arr[:, 1], arr[:, 2]
@@ -185,9 +209,25 @@ class Roofline(CostModel):
                 break
             params = (ac, bc, am, bm)
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = params
+        self._refit_single()
+
+    def _refit_single(self) -> None:
+        """n = 1: weighted median (recent first) of measured / line-predicted ratios, so the single-token
+        estimate keeps the lines' dependence on the context."""
+        if not self.single:
+            self.single_ratio = None
+            return
+        ratios = np.array([t / max(self._line(1, c), 1e-12) for t, c in self.single])
+        w = 0.5 ** (np.arange(len(ratios))[::-1] / 16.0)
+        order = np.argsort(ratios)
+        cum = np.cumsum(w[order])
+        self.single_ratio = float(ratios[order][np.searchsorted(cum, cum[-1] / 2)])
 
     def parameters(self) -> dict:
-        return {"alpha_c": self.alpha_c, "beta_c": self.beta_c, "alpha_m": self.alpha_m, "beta_m": self.beta_m}
+        out = {"alpha_c": self.alpha_c, "beta_c": self.beta_c, "alpha_m": self.alpha_m, "beta_m": self.beta_m}
+        if self.single_ratio is not None:
+            out["single_token_ratio"] = self.single_ratio
+        return out
 
 
 def _device_kind(target) -> str:

@@ -3,7 +3,8 @@
 It finds earlier occurrences of the longest suffix of the context (``max_ngram`` down to ``min_ngram``
 tokens) and proposes what followed them. Several distinct continuations form a tree (a trie); a node's
 draft probability is the share of matches that continue through it, ``count(child) / (count(parent) +
-alpha)``, so a single match is not taken as certainty.
+alpha_k)``, so a single match is not taken as certainty; ``alpha_k = alpha · (1 + max_ngram − k)`` grows as the
+matched suffix length k shrinks, so a match of the longest suffix is trusted most.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class NgramDrafter(Drafter):
 
     def continuations(self, context: list[int], depth: int) -> list[list[int]]:
         """Distinct continuations (most recent match first) of the longest matching suffix."""
+        return self.match(context, depth)[0]
+
+    def match(self, context: list[int], depth: int) -> tuple[list[list[int]], int]:
+        """(continuations, length of the matched suffix); ([], 0) when nothing matches."""
         ctx = np.asarray(context, dtype=np.int64)
         n = len(ctx)
         for k in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
@@ -57,13 +62,16 @@ class NgramDrafter(Drafter):
                     found.append(list(cont))
                     if len(found) == self.max_matches:
                         break
-            return found
-        return []
+            return found, k
+        return [], 0
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
-        conts = self.continuations(context_ids, min(max_depth, self.max_depth))
+        conts, k = self.match(context_ids, min(max_depth, self.max_depth))
         if not conts:
             return EmptyDraft()
+        # a shorter matched suffix is weaker evidence: a larger smoothing constant lowers q, so the
+        # calibrated surrogate (which bins by q) learns each match length's real acceptance separately
+        alpha = self.alpha * (1 + self.max_ngram - k)
         tokens, parents, counts = [context_ids[-1]], [-1], [0]
         index: dict[tuple[int, int], int] = {}
         for cont in conts:
@@ -79,7 +87,7 @@ class NgramDrafter(Drafter):
                 counts[child] += 1
                 node = child
         logq = [0.0] + [
-            math.log(counts[i] / (counts[parents[i]] + self.alpha)) for i in range(1, len(tokens))
+            math.log(counts[i] / (counts[parents[i]] + alpha)) for i in range(1, len(tokens))
         ]
         return TrieDraft(tokens, parents, logq)
 

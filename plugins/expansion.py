@@ -139,12 +139,17 @@ class AdaptiveBestFirst(ExpansionPolicy):
     to step over bumps in a measured cost curve, looks ``patience`` nodes further; it keeps the prefix of
     the best-first order with the highest S / (D + C(n)). With a convex cost (a roofline) the first stop is
     already optimal. Hard bounds: ``max_nodes`` and the drafter's depth.
+
+    With ``gate=True`` (default) the size may also be zero before drafting: the engine's
+    :class:`~specframe.gate.DraftGate` skips the drafter on steps where drafting has measurably not been
+    paying for its own time (a costly drafter on a fast target, or a useless one).
     """
 
     name = "adaptive-best-first"
 
-    def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0):
+    def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0, gate: bool = True):
         self.max_nodes = _positive("max_nodes", max_nodes)
+        self.gates_drafting = bool(gate)
         if not isinstance(patience, int) or patience < 0 or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError("patience and min_nodes must be integers >= 0")
         self.patience, self.min_nodes = patience, min_nodes

@@ -6,15 +6,23 @@ with the same token become one node (the tree stays prefix-closed with no duplic
 most confident source's log-prob and source id. The acceptance surrogate sees each node's source, so the
 ``calibrated`` surrogate learns per-source, per-depth acceptance and BASTION's best-first order and stopping
 rule decide how many nodes of each source a step can afford. Adding a source needs no engine change.
+
+A source also has to pay for its own draft time: with ``gate=True`` (default) each source has a
+:class:`~specframe.gate.DraftGate` that compares measured tokens per second of steps with and without it
+and skips it on steps where it has not been paying (re-trying it now and then). A cheap source (under 8 %
+of a step, e.g. prompt lookup) always runs.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 from specframe import hookimpl
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft
 from specframe.errors import SpecframeError
+from specframe.gate import DraftGate
 
 
 class MergedDraft(Draft):
@@ -53,7 +61,7 @@ class HybridDrafter(Drafter):
     auto_priority = 20
     composite = True
 
-    def __init__(self, target=None, registry=None, sources: str | tuple = "ngram,dflash"):
+    def __init__(self, target=None, registry=None, sources: str | tuple = "ngram,dflash", gate: bool = True):
         if target is None or registry is None:
             raise ValueError("the hybrid drafter needs the target and the registry")
         names = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
@@ -75,6 +83,10 @@ class HybridDrafter(Drafter):
             for src in self.sources
         ]
         self.max_depth = max(src.max_depth for src in self.sources)
+        self.gates = [DraftGate() for _ in self.sources] if gate else None
+        self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
+        self._draft_s: list[float] = []
+        self._mark = time.perf_counter()
 
     @classmethod
     def available_for(cls, target) -> bool:
@@ -91,13 +103,25 @@ class HybridDrafter(Drafter):
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         for i, src in enumerate(self.sources):
             src.start(prompt_ids, self._feats(i, features))
+        self._ran, self._mark = None, time.perf_counter()
 
     def commit(self, tokens: list[int], features: torch.Tensor | None) -> None:
         for i, src in enumerate(self.sources):
             src.commit(tokens, self._feats(i, features))
+        now = time.perf_counter()
+        if self.gates is not None and self._ran is not None:  # a step's outcome: committed = root + accepted
+            for gate, ran, spent in zip(self.gates, self._ran, self._draft_s):
+                gate.record(ran, len(tokens), now - self._mark, spent)
+        self._ran, self._mark = None, now
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
-        raw = [src.propose(context_ids, max_depth) for src in self.sources]
+        raw, self._ran, self._draft_s = [], [], []
+        for i, src in enumerate(self.sources):
+            run = self.gates is None or self.gates[i].want()
+            t0 = time.perf_counter()
+            raw.append(src.propose(context_ids, max_depth) if run else EmptyDraft())
+            self._ran.append(run)
+            self._draft_s.append(time.perf_counter() - t0)
         if all(isinstance(d, EmptyDraft) for d in raw):
             return EmptyDraft()
         return MergedDraft([_relabel(d, i) for i, d in enumerate(raw)])

@@ -189,6 +189,9 @@ class ExpansionPolicy:
     """Turns a :class:`Draft` into the :class:`Tree` to verify."""
 
     name = "expansion"
+    #: True lets the engine skip drafting on steps where, measured, drafting has not been paying
+    #: (a :class:`~specframe.gate.DraftGate`); the tree is then the root alone. Fixed-budget policies keep False.
+    gates_drafting = False
 
     def expand(self, draft: Draft, ctx: ExpansionContext) -> "BuiltTree":
         raise NotImplementedError
@@ -327,6 +330,7 @@ class StepRecord:
     tree_depth: int = 0  # depth of the deepest node
     expected_accepted: float = 0.0  # sum of P(v) over non-root nodes, as the surrogate predicted
     predicted_verify_s: float = 0.0  # the cost model's prediction for this tree
+    drafted: bool = True  # False when the draft gate skipped the drafter this step
 
 
 @dataclass
@@ -365,4 +369,5 @@ class RunStats:
             "draft_s": round(total("draft_s"), 4),
             "overhead_s": round(total("overhead_s"), 4),
             "verify_s": round(total("verify_s"), 4),
+            "drafted_steps": sum(r.drafted for r in self.records),
         }

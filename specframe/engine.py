@@ -20,6 +20,7 @@ from .components import (
     component_name,
     Draft,
     CostModel,
+    EmptyDraft,
     Drafter,
     ExpansionContext,
     ExpansionPolicy,
@@ -30,6 +31,7 @@ from .components import (
     Verifier,
 )
 from .errors import InvalidTreeError, PluginError, SpecframeError
+from .gate import DraftGate
 from .registry import COMPONENT_KINDS, PolicySpec, Registry
 from .target import Target
 from .tree import Tree, validate_tree
@@ -234,6 +236,7 @@ class SpecGenerator:
         self._run_observers = hook.on_run_end.get_hookimpls()
         self._draft_ema = 0.0
         self._calibrated = False
+        self.gate = DraftGate() if getattr(self.components.expansion, "gates_drafting", False) else None
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",
@@ -425,11 +428,12 @@ class _Run:
 
     def step(self, session, context: list[int], remaining: int) -> list[int]:
         """One draft → expand → verify → commit step; returns the committed tokens."""
-        c, names = self.c, self.c.names
+        c, names, gate = self.c, self.c.names, self.gen.gate
         past = session.past
         max_nodes, max_depth = self.bounds(past, remaining)
+        drafting = gate is None or gate.want()
         t0 = time.perf_counter()
-        draft = self.propose(context, max_depth)
+        draft = self.propose(context, max_depth) if drafting else EmptyDraft()
         t1 = time.perf_counter()
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, self.gen._draft_ema)
         built = self.expand(draft, ctx)
@@ -463,9 +467,13 @@ class _Run:
             verify_s=t3 - t2,
             expected_accepted=sum(built.scores[1:]),
             predicted_verify_s=float(predicted),
+            drafted=drafting,
         )
-        spent = record.draft_s + record.overhead_s
-        self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.stats.steps else spent
+        if drafting:  # D of the stopping rule: what a drafted step costs besides verification
+            spent = record.draft_s + record.overhead_s
+            self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.gen._draft_ema else spent
+        if gate is not None:
+            gate.record(drafting, len(committed), t4 - t0, record.draft_s)
         self.stats.records.append(record)
         self.stats.steps += 1
         self._notify(self.gen._step_observers, "on_step_end", record=record, step=self.stats.steps - 1)

@@ -29,6 +29,7 @@ from .components import (
 )
 from .engine import SpecGenerator, resolve_components
 from .errors import SpecframeError
+from .gate import DraftGate
 from .registry import Registry
 from .target import Target
 
@@ -117,7 +118,8 @@ def record_trace(target: Target, drafter: str | None, prompts: list[datasets.Pro
                  out: Path, registry: Registry | None = None, log=print) -> Path:
     """One plain greedy pass per prompt, recording the drafter's proposal at every position."""
     registry = registry or Registry()
-    comps = resolve_components(registry, target, "bastion", drafter)
+    # every source at every position: a composite drafter's draft gate would skip sources under "ar"
+    comps = resolve_components(registry, target, "bastion", drafter, {"drafter.gate": False}, strict=False)
     rec = _Recorder(comps.drafter)
     gen = SpecGenerator(target, "ar", drafter=rec, registry=registry)
     with open(out, "w") as fh:
@@ -148,8 +150,10 @@ class SimResult:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
-def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s: float | None = None) -> SimResult:
-    """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``."""
+def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s: float | None = None,
+           gate: DraftGate | None = None) -> SimResult:
+    """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``.
+    ``gate``: the policy's draft gate, fed the simulated step times as the engine feeds it real ones."""
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
@@ -158,7 +162,8 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
         step = row["steps"][pos]
-        draft = EmptyDraft() if ar else deserialize_draft(step["draft"])
+        drafting = not ar and (gate is None or gate.want())
+        draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
         built = comps.expansion.expand(draft, ctx)
@@ -177,8 +182,12 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         comps.surrogate.observe(tree, path, built.scores)
         seconds = cost.predict(tree.size, context)
         comps.cost_model.observe(tree.size, context, seconds)
-        spent = (0.0 if ar else step["draft_s"] if draft_s is None else draft_s) + overhead_s
-        draft_ema = spent if res.steps == 0 else 0.8 * draft_ema + 0.2 * spent
+        drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
+        spent = drafted_s + overhead_s
+        if drafting:
+            draft_ema = spent if not draft_ema else 0.8 * draft_ema + 0.2 * spent
+        if gate is not None:
+            gate.record(drafting, committed, seconds + spent, drafted_s)
         res.seconds += seconds + spent
         res.tokens += committed
         res.accepted_plus_bonus += len(path)
@@ -212,8 +221,9 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         for label in ["ar"] + [lab for lab in labels if lab != "ar"]:
             comps = _sim_components(registry, target_config_target, label, cost, mine[0])
             total = SimResult()
+            gate = DraftGate() if getattr(comps.expansion, "gates_drafting", False) else None
             for r in mine:
-                one = replay(r, comps, cost, overhead_s, ar=label == "ar", draft_s=draft_s)
+                one = replay(r, comps, cost, overhead_s, ar=label == "ar", draft_s=draft_s, gate=gate)
                 total.tokens += one.tokens
                 total.accepted_plus_bonus += one.accepted_plus_bonus
                 total.steps += one.steps

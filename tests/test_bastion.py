@@ -431,7 +431,7 @@ def test_calibrated_learns_a_useless_drafter_and_shrinks_the_tree(tiny_target, r
     sizes = {}
     for surrogate in ("calibrated", "path-confidence"):
         gen = SpecGenerator(tiny_target, "bastion", drafter=wrong_drafter(reference, depth=6),
-                            params={"surrogate": surrogate}, cost_model=LinearCost())
+                            params={"surrogate": surrogate, "expansion.gate": False}, cost_model=LinearCost())
         out = gen.generate(PROMPT, 60)
         assert out.token_ids == reference[:60]
         recs = out.stats.records

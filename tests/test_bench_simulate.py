@@ -139,3 +139,20 @@ def test_profile_missing_range_is_a_clear_error(target, tmp_path):
         cost.predict(5, 16)
     with pytest.raises(SpecframeError, match="not found"):
         ProfileCost(str(tmp_path / "nope.json"))
+
+
+def test_simulated_draft_gate_falls_back_to_ar_when_drafting_is_too_slow(target, tmp_path):
+    """With a simulated draft time far above a verification, bastion's draft gate stops drafting
+    (speed ≈ ar) while a fixed budget keeps paying it every step."""
+    prompts = [Prompt(str(i), "toy", text=p, chat=False) for i, p in enumerate(PROMPTS * 3)]
+    record_trace(target, "ngram", prompts, 30, tmp_path / "trace.jsonl", log=lambda m: None)
+    (tmp_path / "flat.json").write_text(json.dumps({"points": [
+        {"n": n, "c": c, "ms_median": 10.0 + 0.01 * n} for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        for c in (0, 1024)]}))
+    slow = simulate(tmp_path / "trace.jsonl", ["bastion", "best-first:8"], str(tmp_path / "flat.json"),
+                    tmp_path / "slow", target, draft_s=0.05)["datasets"]["toy"]
+    assert slow["best-first:8"]["speedup_vs_ar"] < 0.5
+    assert slow["bastion"]["speedup_vs_ar"] > 0.85, slow
+    fast = simulate(tmp_path / "trace.jsonl", ["bastion"], str(tmp_path / "flat.json"), tmp_path / "fast", target,
+                    draft_s=0.0001)["datasets"]["toy"]
+    assert fast["bastion"]["speedup_vs_ar"] > 1.2 and fast["bastion"]["tau"] > 1.3, fast

@@ -1,0 +1,86 @@
+"""Draft or not: a measured two-armed decision for a costly draft source.
+
+A drafter that costs a sizeable share of a step only pays when the tokens it adds outrun its time. Before
+a step, :meth:`DraftGate.want` says whether to run the source; after it, :meth:`DraftGate.record` adds
+what the step committed and how long it took. The gate keeps, for steps *with* and *without* the source,
+an exponentially weighted mean of committed tokens and of step seconds, runs the arm with the higher
+tokens per second and re-tries the other now and then (every ``probe_every`` steps, doubling each time
+the other arm loses again, up to ``max_probe_every``, and never more than ``explore_share`` of the time),
+so it follows the text and the machine as they change. A source whose draft time stays under ``cheap_share`` of the step is always run: there is
+nothing to save. The gate only changes which tree is verified, never the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class DraftGate:
+    """Decides per step whether one draft source runs, from measured tokens/s with and without it."""
+
+    def __init__(self, half_life: float = 24.0, min_trials: int = 3, probe_every: int = 4,
+                 max_probe_every: int = 64, cheap_share: float = 0.08, explore_share: float = 0.05):
+        if half_life <= 0 or min_trials < 1 or probe_every < 1 or max_probe_every < probe_every:
+            raise ValueError("DraftGate needs half_life > 0, min_trials >= 1, 1 <= probe_every <= max_probe_every")
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.min_trials, self.probe_every, self.max_probe_every = min_trials, probe_every, max_probe_every
+        self.cheap_share, self.explore_share = cheap_share, explore_share
+        self.step_s = {True: 0.0, False: 0.0}  # EWMA of one step's seconds per arm
+        self.since_probe_s = 0.0
+        self.tokens = {True: 0.0, False: 0.0}  # EWMA sums (weights in self.weight)
+        self.seconds = {True: 0.0, False: 0.0}
+        self.trials = {True: 0, False: 0}
+        self.share = 0.0  # EWMA of draft seconds / step seconds on steps where the source ran
+        self.leader = True
+        self.interval, self.since_probe = probe_every, 0
+
+    def rate(self, ran: bool) -> float:
+        """Measured committed tokens per second of steps with (``True``) or without the source."""
+        sec = self.seconds[ran]
+        return self.tokens[ran] / sec if sec > 0 else math.inf
+
+    @property
+    def cheap(self) -> bool:
+        return self.trials[True] >= self.min_trials and self.share < self.cheap_share
+
+    def want(self) -> bool:
+        """Whether to run the source this step."""
+        if self.trials[True] < self.min_trials or self.cheap:
+            return True
+        if self.trials[False] < self.min_trials:
+            return False
+        leader = self.rate(True) >= self.rate(False)
+        if leader != self.leader:
+            self.leader, self.interval, self.since_probe, self.since_probe_s = leader, self.probe_every, 0, 0.0
+        self.since_probe += 1
+        if self.since_probe >= self.interval and self.since_probe_s * self.explore_share >= self.step_s[not leader]:
+            self.since_probe, self.since_probe_s = 0, 0.0
+            self.interval = min(2 * self.interval, self.max_probe_every)
+            return not leader
+        return leader
+
+    def record(self, ran: bool, tokens: int, step_seconds: float, draft_seconds: float = 0.0) -> None:
+        """One finished step: whether the source ran, tokens committed, the step's seconds (draft included)."""
+        if not (step_seconds > 0 and math.isfinite(step_seconds)):
+            return
+        # forgetting counts all steps: a rarely played arm's estimate is dominated by its latest probe
+        for arm in (True, False):
+            self.tokens[arm] *= self.decay
+            self.seconds[arm] *= self.decay
+        self.tokens[ran] += tokens
+        self.seconds[ran] += step_seconds
+        self.step_s[ran] = step_seconds if not self.trials[ran] else 0.8 * self.step_s[ran] + 0.2 * step_seconds
+        self.since_probe_s += step_seconds
+        self.trials[ran] += 1
+        if ran:
+            share = min(max(draft_seconds / step_seconds, 0.0), 1.0)
+            self.share = share if self.trials[True] == 1 else 0.8 * self.share + 0.2 * share
+
+    def summary(self) -> dict:
+        return {
+            "rate_with": round(self.rate(True), 3) if self.seconds[True] else None,
+            "rate_without": round(self.rate(False), 3) if self.seconds[False] else None,
+            "steps_with": self.trials[True],
+            "steps_without": self.trials[False],
+            "draft_share": round(self.share, 4),
+        }

@@ -1,0 +1,199 @@
+"""Draft or not: the DraftGate on synthetic streams, in the engine (a slow useless drafter is skipped, a
+slow good one is kept, output unchanged), per source inside ``hybrid``, in the simulator, and the
+roofline's separate single-token path that the decision relies on."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from specframe import Registry, SpecGenerator, hookimpl, make_plugin_set
+from specframe.components import Drafter, EmptyDraft, MarginalDraft
+from specframe.gate import DraftGate
+from specframe.plugins.cost_models import Roofline
+from specframe.plugins.hybrid import HybridDrafter
+
+from conftest import make_tiny_model, plain_greedy
+
+PROMPT = [3, 14, 15, 9, 2, 6, 5, 3, 14, 15, 9, 2]
+VOCAB = 96
+
+
+# ---------------------------------------------------------------------- 1. the gate alone
+def _play(gate: DraftGate, steps: int, with_rate, without_rate, draft_share=0.4, rng=None) -> list[bool]:
+    """Feed the gate steps whose tokens/s depend on its choice; returns its choices."""
+    rng = rng or np.random.default_rng(0)
+    choices = []
+    for i in range(steps):
+        ran = gate.want()
+        rate = with_rate(i) if ran else without_rate(i)
+        tokens = int(rng.integers(1, 5))
+        seconds = tokens / rate * (1 + rng.normal(0, 0.05))
+        gate.record(ran, tokens, seconds, draft_share * seconds if ran else 0.0)
+        choices.append(ran)
+    return choices
+
+
+def test_gate_keeps_the_faster_arm_and_probes_rarely():
+    gate = DraftGate()
+    choices = _play(gate, 600, lambda i: 10.0, lambda i: 30.0)  # drafting loses: 1 token/step vs 3
+    assert np.mean(choices[100:]) < 0.05, gate.summary()
+    assert sum(choices) <= 3 + 6 + 600 // 64, "probes back off exponentially"
+    gate = DraftGate()
+    choices = _play(gate, 600, lambda i: 40.0, lambda i: 10.0)
+    assert np.mean(choices[100:]) > 0.95, gate.summary()
+
+
+def test_gate_follows_a_change_of_regime():
+    gate = DraftGate()
+    # drafting pays for 300 steps, then stops paying (the text stopped repeating, say), then pays again
+    good = lambda i: 40.0 if i < 300 or i >= 600 else 5.0  # noqa: E731
+    choices = _play(gate, 900, good, lambda i: 10.0)
+    assert np.mean(choices[200:300]) > 0.9
+    assert np.mean(choices[400:600]) < 0.1
+    assert np.mean(choices[750:900]) > 0.9
+
+
+def test_cheap_source_always_runs_and_bad_records_are_ignored():
+    gate = DraftGate()
+    choices = _play(gate, 200, lambda i: 10.0, lambda i: 12.0, draft_share=0.01)
+    assert all(choices), "a source under cheap_share of the step is never skipped"
+    gate.record(True, 3, float("nan"))
+    gate.record(False, 1, 0.0)
+    assert gate.trials[True] == 200 and gate.trials[False] == 0
+    with pytest.raises(ValueError):
+        DraftGate(probe_every=8, max_probe_every=4)
+
+
+# ---------------------------------------------------------------------- 2. in the engine
+class SlowDrafter(Drafter):
+    """Sleeps ``delay`` seconds per proposal, then proposes a confident chain: the true greedy
+    continuation (``oracle``) or tokens that never occur in it."""
+
+    name = "slow"
+
+    def __init__(self, reference: list[int], delay: float, oracle: bool, depth: int = 12):
+        self.reference, self.delay, self.oracle, self.max_depth = reference, delay, oracle, depth
+        self.unused = [t for t in range(VOCAB) if t not in set(reference)]
+
+    def propose(self, context_ids, max_depth):
+        time.sleep(self.delay)
+        depth = min(self.max_depth, max_depth)
+        if depth <= 0:
+            return EmptyDraft()
+        pos = len(context_ids) - len(PROMPT)
+        if self.oracle:
+            chain = (self.reference[pos:] + self.unused)[:depth]
+        else:
+            chain = self.unused[:depth]
+        other = [self.unused[-1 - d] if chain[d] != self.unused[-1 - d] else self.unused[-2 - d] for d in range(depth)]
+        tokens = torch_tensor([[a, b] for a, b in zip(chain, other)])
+        logq = torch_tensor([[0.97, 0.03]] * depth, float).log()
+        return MarginalDraft(tokens, logq)
+
+
+def torch_tensor(rows, kind=int):
+    import torch
+
+    return torch.tensor(rows, dtype=torch.long if kind is int else torch.float64)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return plain_greedy(make_tiny_model("llama"), PROMPT, 200)
+
+
+def _drafted(gen, runs=4, n=40):
+    flags = []
+    for _ in range(runs):
+        out = gen.generate(PROMPT, n)
+        yield out
+        flags += [r.drafted for r in out.stats.records]
+    gen.flags = flags
+
+
+def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_target, reference):
+    useless = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False))
+    for out in _drafted(useless):
+        assert out.token_ids == reference[:40]
+    assert np.mean(useless.flags[40:]) < 0.25, useless.gate.summary()
+
+    good = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.004, oracle=True))
+    for out in _drafted(good, runs=3, n=120):
+        assert out.token_ids == reference[:120]
+    assert np.mean(good.flags[4:]) > 0.8, good.gate.summary()
+
+    ungated = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False),
+                            params={"expansion.gate": False})
+    assert ungated.gate is None
+    for out in _drafted(ungated, runs=1):
+        assert out.token_ids == reference[:40]
+    assert all(ungated.flags), "without the gate every step drafts"
+
+
+def test_fixed_budget_policies_never_skip(tiny_target, reference):
+    gen = SpecGenerator(tiny_target, "best-first:8", drafter=SlowDrafter(reference, 0.01, oracle=False))
+    assert gen.gate is None
+    out = gen.generate(PROMPT, 20)
+    assert out.token_ids == reference[:20] and all(r.drafted for r in out.stats.records)
+
+
+# ---------------------------------------------------------------------- 3. per source inside hybrid
+class SourcesPlugin:
+    def __init__(self, reference):
+        self.reference = reference
+
+    @hookimpl
+    def register_drafters(self, register):
+        ref = self.reference
+        register("slow-useless", lambda: SlowDrafter(ref, 0.02, oracle=False))
+        register("fast-oracle", lambda: SlowDrafter(ref, 0.0, oracle=True, depth=4))
+
+
+def test_hybrid_gates_the_source_that_does_not_pay(tiny_target, reference):
+    registry = Registry(make_plugin_set(allow=set(), extra=[SourcesPlugin(reference)]))
+    hybrid = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless")
+    gen = SpecGenerator(tiny_target, "bastion", drafter=hybrid, registry=registry, params={"expansion.gate": False})
+    for _ in range(3):
+        out = gen.generate(PROMPT, 60)
+        assert out.token_ids == reference[:60]
+    fast, slow = hybrid.gates
+    assert fast.trials[False] <= fast.min_trials + 1, "the cheap good source is skipped at most while trying"
+    assert slow.trials[True] < 0.3 * (slow.trials[True] + slow.trials[False]), slow.summary()
+    ungated = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
+    assert ungated.gates is None
+
+
+# ---------------------------------------------------------------------- 4. the single-token path
+def _small_config():
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("single_token", [True, False])
+def test_roofline_models_a_fast_single_token_path(single_token):
+    """A CPU-like machine: n = 1 runs a fast path (60 ms); n >= 2 costs 110 ms + a slope."""
+    roof = Roofline(config=_small_config(), device="cpu", single_token=single_token)
+
+    def machine(n, c):
+        return 0.060 + 1e-6 * c if n == 1 else 0.110 + 0.002 * n + 2e-6 * c
+
+    rng = np.random.default_rng(1)
+    roof.calibrate(lambda n: machine(n, 300), 300)
+    for _ in range(200):
+        n = int(rng.choice([1, 1, 1, 2, 3, 5, 8, 13, 20]))
+        c = int(rng.integers(100, 800))
+        roof.observe(n, c, machine(n, c) * (1 + rng.normal(0, 0.03)))
+    roof.refit()
+    for c in (200, 600):
+        if single_token:
+            assert roof.predict(1, c) == pytest.approx(machine(1, c), rel=0.08)
+            for n in (2, 4, 8, 16):
+                assert roof.predict(n, c) == pytest.approx(machine(n, c), rel=0.12), (n, c)
+        else:  # one roofline for every n cannot hold both the single-token time and the flat n >= 2 part
+            worst = max(abs(roof.predict(n, c) / machine(n, c) - 1) for n in (1, 2, 4, 8, 16))
+            assert worst > 0.2
