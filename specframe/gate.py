@@ -19,7 +19,7 @@ class DraftGate:
     """Decides per step whether one draft source runs, from measured tokens/s with and without it."""
 
     def __init__(self, half_life: float = 24.0, min_trials: int = 3, probe_every: int = 4,
-                 max_probe_every: int = 64, cheap_share: float = 0.08, explore_share: float = 0.05):
+                 max_probe_every: int = 64, cheap_share: float = 0.08, explore_share: float = 0.03):
         if half_life <= 0 or min_trials < 1 or probe_every < 1 or max_probe_every < probe_every:
             raise ValueError("DraftGate needs half_life > 0, min_trials >= 1, 1 <= probe_every <= max_probe_every")
         self.decay = 0.5 ** (1.0 / half_life)
