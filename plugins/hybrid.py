@@ -84,6 +84,7 @@ class HybridDrafter(Drafter):
         ]
         self.max_depth = max(src.max_depth for src in self.sources)
         self.gates = [DraftGate() for _ in self.sources] if gate else None
+        self.gates_sources = bool(gate)
         self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
         self._draft_s: list[float] = []
         self._mark = time.perf_counter()

@@ -118,6 +118,7 @@ def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: in
         "accept_lengths": [r.accepted + 1 for r in recs],
         "tree_sizes": [r.tree_size for r in recs],
         "tree_depths": [r.tree_depth for r in recs],
+        "drafted": [r.drafted for r in recs],
         "verify_s": [round(r.verify_s, 6) for r in recs],
         "predicted_verify_s": [round(r.predicted_verify_s, 6) for r in recs],
         "context_lens": [r.context_len for r in recs],
@@ -206,6 +207,8 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> 
                 entry["tau"] = sum(sum(r["accept_lengths"]) for r in mine) / steps
                 entry["mean_tree_size"] = sum(sum(r["tree_sizes"]) for r in mine) / steps
                 entry["acceptance_by_position"] = acceptance_by_position(mine)
+                if all("drafted" in r for r in mine):  # share of steps the draft gate let the drafter run
+                    entry["drafted_share"] = sum(sum(r["drafted"]) for r in mine) / steps
             for base in ("ar", "hf"):
                 ratios = [per_rep[lab][rep] / per_rep[base][rep] for rep in repeats
                           if base in per_rep and per_rep[base].get(rep) and per_rep[lab].get(rep)]
@@ -261,6 +264,10 @@ def render_report(summary: dict, figures: list[str]) -> str:
             lines += ["Acceptance by position k (share of steps whose tree reached depth k that accepted ≥ k tokens):", ""]
             lines += [f"- {lab}: " + " · ".join(f"{a:.2f}" for a in vals[:10]) for lab, vals in acc.items()]
             lines.append("")
+        gated = {lab: e["drafted_share"] for lab, e in table.items() if e.get("drafted_share", 1.0) < 1.0}
+        if gated:
+            lines += ["Share of steps that ran the drafter (the draft gate skipped it on the rest): "
+                      + ", ".join(f"{lab} {v:.0%}" for lab, v in gated.items()), ""]
     fails = summary["failures"]
     lines += ["## Failures", "", f"{len(fails)} failure(s)." if fails else "None: every greedy output matched `ar` token for token." if summary["greedy"] else "None.", ""]
     lines += [f"- {f['dataset']} {f['prompt_id']} {f['method']}: {f['error']}" for f in fails[:50]]

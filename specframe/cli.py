@@ -97,9 +97,11 @@ def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, tempe
     printer.finish()
     s = out.stats
     names = gen.components.names
+    drafted = sum(r.drafted for r in s.records)
+    skipped = f" · drafted {drafted}/{s.steps} steps" if drafted < s.steps else ""
     click.echo(
         f"[{gen.policy_name} · drafter {names['drafter']} · {s.new_tokens} tokens in {s.wall_s:.2f} s · "
-        f"{s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f} · {s.steps} steps · mean tree {s.mean_tree_size:.1f} nodes]",
+        f"{s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f} · {s.steps} steps · mean tree {s.mean_tree_size:.1f} nodes{skipped}]",
         err=True,
     )
 

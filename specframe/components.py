@@ -121,6 +121,9 @@ class Drafter:
     name = "drafter"
     feature_layers: tuple[int, ...] = ()
     max_depth: int = 8
+    #: True when the drafter itself decides per step which of its sources to run (``hybrid`` with
+    #: ``gate=True``); the engine's draft gate then leaves it alone, so one decision has one gate.
+    gates_sources: bool = False
 
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         """A new request: ``prompt_ids`` are all prompt tokens; ``features`` those of all but the last."""

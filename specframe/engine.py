@@ -236,7 +236,8 @@ class SpecGenerator:
         self._run_observers = hook.on_run_end.get_hookimpls()
         self._draft_ema = 0.0
         self._calibrated = False
-        self.gate = DraftGate() if getattr(self.components.expansion, "gates_drafting", False) else None
+        gated = getattr(self.components.expansion, "gates_drafting", False)
+        self.gate = DraftGate() if gated and not getattr(self.components.drafter, "gates_sources", False) else None
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",

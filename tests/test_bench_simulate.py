@@ -53,6 +53,10 @@ def test_bench_end_to_end(target, dataset, tmp_path):
         assert r["matches_ar"] is True and r["new_tokens"] == 12
         if r["method"] not in ("hf", "hf-lookup"):
             assert sum(r["accept_lengths"]) >= r["new_tokens"] and len(r["tree_sizes"]) == r["decoding_steps"]
+            assert len(r["drafted"]) == r["decoding_steps"]
+            if r["method"] != "bastion":  # only BASTION's draft gate may skip drafting
+                assert all(r["drafted"])
+            assert all(size == 1 for size, d in zip(r["tree_sizes"], r["drafted"]) if not d)
     table = summary["datasets"]["toy"]
     assert table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
     assert table["ar"]["tau"] == pytest.approx(1.0)
@@ -63,6 +67,10 @@ def test_bench_end_to_end(target, dataset, tmp_path):
     chain_rows = [r for r in rows if r["method"] == "chain"]
     tau = sum(sum(r["accept_lengths"]) for r in chain_rows) / sum(r["decoding_steps"] for r in chain_rows)
     assert table["chain"]["tau"] == pytest.approx(tau)
+    assert table["chain"]["drafted_share"] == 1.0
+    bastion_rows = [r for r in rows if r["method"] == "bastion"]
+    share = sum(sum(r["drafted"]) for r in bastion_rows) / sum(r["decoding_steps"] for r in bastion_rows)
+    assert table["bastion"]["drafted_share"] == pytest.approx(share)
     report = (out / "report.md").read_text()
     assert "| chain |" in report and "machine:" in report
     for png in ("speedup.png", "trees.png", "cost_model.png"):

@@ -164,6 +164,9 @@ def test_hybrid_gates_the_source_that_does_not_pay(tiny_target, reference):
     assert slow.trials[True] < 0.3 * (slow.trials[True] + slow.trials[False]), slow.summary()
     ungated = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
     assert ungated.gates is None
+    # one decision, one gate: the engine gates a hybrid only when the hybrid does not gate its sources
+    assert SpecGenerator(tiny_target, "bastion", drafter=hybrid, registry=registry).gate is None
+    assert SpecGenerator(tiny_target, "bastion", drafter=ungated, registry=registry).gate is not None
 
 
 # ---------------------------------------------------------------------- 4. the single-token path
