@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import datasets
@@ -144,6 +145,7 @@ class SimResult:
     steps: int = 0
     seconds: float = 0.0
     tree_nodes: int = 0
+    sizes: list[int] = field(default_factory=list)  # tree size of every step
 
     @property
     def tau(self) -> float:
@@ -193,6 +195,7 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         res.accepted_plus_bonus += len(path)
         res.steps += 1
         res.tree_nodes += tree.size
+        res.sizes.append(tree.size)
         pos += committed
     return res
 
@@ -229,7 +232,10 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
                 total.steps += one.steps
                 total.seconds += one.seconds
                 total.tree_nodes += one.tree_nodes
+                total.sizes += one.sizes
             table[label] = {"tau": total.tau, "mean_tree_size": total.tree_nodes / total.steps,
+                            "median_tree_size": float(np.median(total.sizes)),
+                            "p90_tree_size": float(np.percentile(total.sizes, 90)), "max_tree_size": max(total.sizes),
                             "tokens_per_s": total.tokens / total.seconds, "steps": total.steps}
         for label in table:
             table[label]["speedup_vs_ar"] = table[label]["tokens_per_s"] / table["ar"]["tokens_per_s"]
@@ -259,9 +265,11 @@ def render(summary: dict, rows: list[dict]) -> str:
              + f", overhead {1000 * summary['overhead_s']:.1f} ms per step.", "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0]['drafter']}`, {sum(len(r['output']) for r in rows)} tokens", ""]
     for ds, table in summary["datasets"].items():
-        lines += [f"## {ds}", "", "| method | τ | mean tree size | simulated tokens/s | simulated speedup vs ar |", "|---|---|---|---|---|"]
+        lines += [f"## {ds}", "", "| method | τ | tree size: mean · median · p90 · max | simulated tokens/s | simulated speedup vs ar |",
+                  "|---|---|---|---|---|"]
         for lab, e in table.items():
-            lines.append(f"| {lab} | {e['tau']:.2f} | {e['mean_tree_size']:.1f} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
+            sizes = f"{e['mean_tree_size']:.1f} · {e['median_tree_size']:g} · {e['p90_tree_size']:g} · {e['max_tree_size']}"
+            lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

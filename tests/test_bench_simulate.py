@@ -133,6 +133,8 @@ def test_simulator_replays_the_trace_to_the_live_tau(target, tmp_path):
             steps += st.steps
         assert table[label]["tau"] == pytest.approx(acc / steps, abs=1e-12), label
     assert table["ar"]["tau"] == 1.0 and table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert table["ar"]["max_tree_size"] == 1 and 1 < table["best-first:8"]["max_tree_size"] <= 9
+    assert table["best-first:3"]["median_tree_size"] <= table["best-first:8"]["median_tree_size"]
     assert "SIMULATION" in (tmp_path / "sim" / "report.md").read_text()
 
 
