@@ -144,7 +144,7 @@ class Roofline(CostModel):
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0
         self.obs: deque = deque(maxlen=int(window))
         self.single_token = bool(single_token)
-        self.single: deque = deque(maxlen=32)  # recent (seconds / line prediction) ratios at n = 1
+        self.single: deque = deque(maxlen=32)  # recent (seconds, context) timings at n = 1
         self.single_ratio: float | None = None
         self.refit_every, self.half_life = int(refit_every), float(half_life)
         self.calibrate_sizes = tuple(calibrate_sizes)
@@ -174,12 +174,9 @@ class Roofline(CostModel):
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         if n == 1 and self.single_token:
-            self.single.append((seconds, context))
-            self._pending += 1
-            if self._pending >= self.refit_every:
-                self.refit()
-            return
-        self.obs.append((*self.features(n, context), float(seconds)))
+            self.single.append((float(seconds), context))
+        else:
+            self.obs.append((*self.features(n, context), float(seconds)))
         self._pending += 1
         if self._pending >= self.refit_every:
             self.refit()

@@ -40,12 +40,9 @@ class NgramDrafter(Drafter):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_matches, self.max_depth, self.alpha = max_matches, max_depth, alpha
 
-    def continuations(self, context: list[int], depth: int) -> list[list[int]]:
-        """Distinct continuations (most recent match first) of the longest matching suffix."""
-        return self.match(context, depth)[0]
-
     def match(self, context: list[int], depth: int) -> tuple[list[list[int]], int]:
-        """(continuations, length of the matched suffix); ([], 0) when nothing matches."""
+        """Distinct continuations (most recent match first) of the longest matching suffix, and that
+        suffix's length; ([], 0) when nothing matches."""
         ctx = np.asarray(context, dtype=np.int64)
         n = len(ctx)
         for k in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):

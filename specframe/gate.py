@@ -6,8 +6,9 @@ what the step committed and how long it took. The gate keeps, for steps *with* a
 an exponentially weighted mean of committed tokens and of step seconds, runs the arm with the higher
 tokens per second and re-tries the other now and then (every ``probe_every`` steps, doubling each time
 the other arm loses again, up to ``max_probe_every``, and never more than ``explore_share`` of the time),
-so it follows the text and the machine as they change. A source whose draft time stays under ``cheap_share`` of the step is always run: there is
-nothing to save. The gate only changes which tree is verified, never the output.
+so it follows the text and the machine as they change. A source whose draft time stays under
+``cheap_share`` of the step is always run: there is nothing to save. The gate only changes which tree is
+verified, never the output.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class DraftGate:
         self.cheap_share, self.explore_share = cheap_share, explore_share
         self.step_s = {True: 0.0, False: 0.0}  # EWMA of one step's seconds per arm
         self.since_probe_s = 0.0
-        self.tokens = {True: 0.0, False: 0.0}  # EWMA sums (weights in self.weight)
+        self.tokens = {True: 0.0, False: 0.0}  # exponentially forgotten sums; their ratio is the rate
         self.seconds = {True: 0.0, False: 0.0}
         self.trials = {True: 0, False: 0}
         self.share = 0.0  # EWMA of draft seconds / step seconds on steps where the source ran

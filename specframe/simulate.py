@@ -144,7 +144,6 @@ class SimResult:
     accepted_plus_bonus: int = 0
     steps: int = 0
     seconds: float = 0.0
-    tree_nodes: int = 0
     sizes: list[int] = field(default_factory=list)  # tree size of every step
 
     @property
@@ -194,7 +193,6 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         res.tokens += committed
         res.accepted_plus_bonus += len(path)
         res.steps += 1
-        res.tree_nodes += tree.size
         res.sizes.append(tree.size)
         pos += committed
     return res
@@ -231,9 +229,8 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
                 total.accepted_plus_bonus += one.accepted_plus_bonus
                 total.steps += one.steps
                 total.seconds += one.seconds
-                total.tree_nodes += one.tree_nodes
                 total.sizes += one.sizes
-            table[label] = {"tau": total.tau, "mean_tree_size": total.tree_nodes / total.steps,
+            table[label] = {"tau": total.tau, "mean_tree_size": float(np.mean(total.sizes)),
                             "median_tree_size": float(np.median(total.sizes)),
                             "p90_tree_size": float(np.percentile(total.sizes, 90)), "max_tree_size": max(total.sizes),
                             "tokens_per_s": total.tokens / total.seconds, "steps": total.steps}

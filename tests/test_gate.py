@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from specframe import Registry, SpecGenerator, hookimpl, make_plugin_set
 from specframe.components import Drafter, EmptyDraft, MarginalDraft
@@ -89,15 +90,9 @@ class SlowDrafter(Drafter):
         else:
             chain = self.unused[:depth]
         other = [self.unused[-1 - d] if chain[d] != self.unused[-1 - d] else self.unused[-2 - d] for d in range(depth)]
-        tokens = torch_tensor([[a, b] for a, b in zip(chain, other)])
-        logq = torch_tensor([[0.97, 0.03]] * depth, float).log()
+        tokens = torch.tensor([[a, b] for a, b in zip(chain, other)], dtype=torch.long)
+        logq = torch.tensor([[0.97, 0.03]] * depth, dtype=torch.float64).log()
         return MarginalDraft(tokens, logq)
-
-
-def torch_tensor(rows, kind=int):
-    import torch
-
-    return torch.tensor(rows, dtype=torch.long if kind is int else torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -105,32 +100,27 @@ def reference():
     return plain_greedy(make_tiny_model("llama"), PROMPT, 200)
 
 
-def _drafted(gen, runs=4, n=40):
+def drafted_flags(gen, reference, runs=4, n=40) -> list[bool]:
+    """Generate ``runs`` times, checking each output against plain greedy; every step's ``drafted``."""
     flags = []
     for _ in range(runs):
         out = gen.generate(PROMPT, n)
-        yield out
+        assert out.token_ids == reference[:n]
         flags += [r.drafted for r in out.stats.records]
-    gen.flags = flags
+    return flags
 
 
 def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_target, reference):
     useless = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False))
-    for out in _drafted(useless):
-        assert out.token_ids == reference[:40]
-    assert np.mean(useless.flags[40:]) < 0.25, useless.gate.summary()
+    assert np.mean(drafted_flags(useless, reference)[40:]) < 0.25, useless.gate.summary()
 
     good = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.004, oracle=True))
-    for out in _drafted(good, runs=3, n=120):
-        assert out.token_ids == reference[:120]
-    assert np.mean(good.flags[4:]) > 0.8, good.gate.summary()
+    assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > 0.8, good.gate.summary()
 
     ungated = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False),
                             params={"expansion.gate": False})
     assert ungated.gate is None
-    for out in _drafted(ungated, runs=1):
-        assert out.token_ids == reference[:40]
-    assert all(ungated.flags), "without the gate every step drafts"
+    assert all(drafted_flags(ungated, reference, runs=1)), "without the gate every step drafts"
 
 
 def test_fixed_budget_policies_never_skip(tiny_target, reference):
