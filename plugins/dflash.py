@@ -13,6 +13,12 @@ Architecture (facts from the DFlash paper and released configs):
 Checkpoints use the published layout: ``config.json`` (layer shapes plus ``dflash_config`` with
 ``block_size``, ``mask_token_id``, ``target_layer_ids``) and ``model.safetensors`` with tensors named
 ``fc.weight``, ``hidden_norm.weight``, ``norm.weight`` and ``layers.{i}.{self_attn,mlp,...}``.
+
+One optional extension (in the spirit of EAGLE-3's draft vocabulary): ``dflash_config.draft_vocab_size``
+K and a tensor ``draft_vocab`` (K target token ids). The drafter then reads out only those K rows of the
+target's LM head — on a CPU the full 49 K-row head is most of a draft step — and proposes nothing
+outside them (q = 0 there; the output is unchanged, only which guesses can be made). Without it the
+whole vocabulary is used, as published.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class DFlashConfig:
     qk_norm: bool = False
     model_type: str = "llama"
     num_target_layers: int | None = None
+    draft_vocab_size: int | None = None  # None: the whole target vocabulary
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -78,6 +85,7 @@ class DFlashConfig:
             qk_norm=bool(raw.get("qk_norm", raw.get("model_type") == "qwen3")),
             model_type=str(raw.get("model_type", "llama")),
             num_target_layers=raw.get("num_target_layers"),
+            draft_vocab_size=None if get("draft_vocab_size") is None else int(get("draft_vocab_size")),
             extra={k: v for k, v in raw.items() if k in ("training", "target_fingerprint")},
         )
 
@@ -106,6 +114,8 @@ class DFlashConfig:
                 "target_layer_ids": list(self.target_layer_ids),
             },
         }
+        if self.draft_vocab_size is not None:
+            out["dflash_config"]["draft_vocab_size"] = self.draft_vocab_size
         out.update(self.extra)
         return out
 
@@ -201,6 +211,20 @@ class DFlashModel(nn.Module):
         self.fc = nn.Linear(len(cfg.target_layer_ids) * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.draft_vocab_size is not None:
+            self.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Restrict the read-out to target token ``ids`` (K,), or lift the restriction with None."""
+        if hasattr(self, "draft_vocab"):
+            del self.draft_vocab
+        self.cfg.draft_vocab_size = None if ids is None else int(ids.numel())
+        if ids is not None:
+            self.register_buffer("draft_vocab", ids.detach().to(torch.long).clone())
+
+    def head_rows(self, head: torch.Tensor) -> torch.Tensor:
+        """The target LM head (V, H) cut to the draft vocabulary (K, H); row i scores ``draft_vocab[i]``."""
+        return head if self.cfg.draft_vocab_size is None else head[self.draft_vocab].contiguous()
 
     def context(self, feats: torch.Tensor) -> torch.Tensor:
         """(S, L·H) target features → (S, H) context hidden states."""
@@ -227,7 +251,7 @@ class DFlashModel(nn.Module):
         cfg["dtype"] = str(dtype).replace("torch.", "")
         cfg.update(extra_config or {})
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
-        state = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(v.dtype if k == "draft_vocab" else dtype).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
 
     @classmethod
@@ -255,7 +279,7 @@ class DFlashModel(nn.Module):
         for k, v in state.items():
             if v.shape != own[k].shape:
                 raise SpecframeError(f"DFlash checkpoint tensor {k} has shape {tuple(v.shape)}, config implies {tuple(own[k].shape)}")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+        model.load_state_dict({k: v if k == "draft_vocab" else v.to(dtype) for k, v in state.items()})
         return model.to(dtype).eval()
 
 
@@ -274,7 +298,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise SpecframeError(f"DFlash checkpoint not found: {p}")
 
 
-def check_fits(cfg: DFlashConfig, target) -> None:
+def check_fits(cfg: DFlashConfig, target, vocab: torch.Tensor | None = None) -> None:
     """One clear error if the drafter does not fit the target (naming both values)."""
     if cfg.hidden_size != target.hidden_size:
         raise SpecframeError(f"DFlash drafter hidden size {cfg.hidden_size} does not fit target '{target.name}' hidden size {target.hidden_size}")
@@ -285,6 +309,8 @@ def check_fits(cfg: DFlashConfig, target) -> None:
         raise SpecframeError(f"DFlash drafter reads target layers {cfg.target_layer_ids}, but target '{target.name}' has layers 0..{target.num_layers - 1}")
     if not 0 <= cfg.mask_token_id < target.vocab_size:
         raise SpecframeError(f"DFlash mask token id {cfg.mask_token_id} is outside the target vocabulary [0, {target.vocab_size})")
+    if vocab is not None and vocab.numel() and not 0 <= int(vocab.min()) <= int(vocab.max()) < target.vocab_size:
+        raise SpecframeError(f"DFlash draft vocabulary holds token id {int(vocab.max())}, outside target '{target.name}' vocabulary [0, {target.vocab_size})")
 
 
 class DFlashDrafter(Drafter):
@@ -303,8 +329,9 @@ class DFlashDrafter(Drafter):
             raise ValueError(f"top_k must be positive, got {top_k}")
         self.model = DFlashModel.load(path, dtype=target.dtype).to(target.device)
         self.cfg = self.model.cfg
-        check_fits(self.cfg, target)
-        self.embed, self.head = target.embedding_weight(), target.lm_head_weight()
+        self.vocab = getattr(self.model, "draft_vocab", None)  # (K,) target ids, or None: all
+        check_fits(self.cfg, target, self.vocab)
+        self.embed, self.head = target.embedding_weight(), self.model.head_rows(target.lm_head_weight())
         self.feature_layers = tuple(self.cfg.target_layer_ids)
         self.block = min(block_size or self.cfg.block_size, self.cfg.block_size)
         self.max_depth = self.block - 1
@@ -337,7 +364,8 @@ class DFlashDrafter(Drafter):
 
     @torch.inference_mode()
     def marginals(self, root: int) -> torch.Tensor:
-        """Log-probabilities (B−1, V) of the block after ``root``."""
+        """Log-probabilities (B−1, K) of the block after ``root``; column i is token ``vocab[i]``
+        (K = V and column i is token i when the checkpoint has no draft vocabulary)."""
         ctx_kv = self._absorb()
         if not ctx_kv or ctx_kv[0][0].shape[1] == 0:
             raise SpecframeError("the dflash drafter needs at least one context token before the root")
@@ -357,8 +385,9 @@ class DFlashDrafter(Drafter):
         if max_depth <= 0:
             return EmptyDraft()
         logq = self.marginals(context_ids[-1])[:max_depth]
-        top = logq.topk(self.top_k, dim=-1)
-        return MarginalDraft(top.indices, top.values)
+        top = logq.topk(min(self.top_k, logq.shape[-1]), dim=-1)
+        ids = top.indices if self.vocab is None else self.vocab[top.indices]
+        return MarginalDraft(ids, top.values)
 
 
 def shipped_drafter(target) -> Path | None:

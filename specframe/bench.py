@@ -174,6 +174,7 @@ def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_d
     summary["settings"] = {"datasets": dataset_names, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repeats": repeats,
                            "drafter": drafter, "params": params or {}}
+    summary["components"] = {m.label: dict(m.generator.components.names) for m in methods if not m.peer}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     figures = make_plots(rows, summary, out) if plots else []
     (out / "report.md").write_text(render_report(summary, figures))

@@ -219,9 +219,11 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
 @click.option("--overhead-ms", type=float, default=None, help="Per-step overhead (default: the trace's median).")
 @click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing).")
+@click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
+              help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
-def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, out_dir):
+def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, compare_dir, out_dir):
     """Replay policies over a trace with a device's latency profile (a labelled simulation)."""
     from .bench import check_methods, split_methods
     from .simulate import simulate as run_simulation
@@ -233,17 +235,20 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_
     for f in (trace_file, profile_file):
         if not Path(f).is_file():
             raise SpecframeError(f"file not found: {f}")
+    if compare_dir is not None and not (Path(compare_dir) / "results.jsonl").is_file():
+        raise SpecframeError(f"--compare needs a `specframe bench` directory; {Path(compare_dir) / 'results.jsonl'} is missing")
     quiet_transformers()
     tgt = Target.load(target)
     run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
-                   None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000)
+                   None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000,
+                   None if compare_dir is None else Path(compare_dir))
     click.echo((Path(out_dir) / "report.md").read_text())
 
 
 @cli.command()
 @click.option("--ns", default="1,2,4,8,16,32,64,128,256", show_default=True)
 @click.option("--contexts", default="256,1024", show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Rounds over all points (after one warm-up round).")
 @click.option("--target", "-m", default=None)
 @click.option("--out", "out_file", default="runs/profile.json", show_default=True, type=click.Path(dir_okay=False))
 def profile(ns, contexts, repeats, target, out_file):
@@ -280,10 +285,11 @@ def profile(ns, contexts, repeats, target, out_file):
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--anchors", type=int, default=4, show_default=True, help="Anchor positions per sequence.")
 @click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--draft-vocab", type=int, default=0, show_default=True, help="Read out only the K most frequent answer tokens (a CPU draft step is mostly the LM head); 0: the whole vocabulary. Fixed by the first training run.")
 @click.option("--time-budget", type=float, default=None, help="Minutes this invocation may run; it stops cleanly and a rerun resumes.")
 @click.pass_context
 def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage, max_rows, max_response, block_size,
-                  num_layers, target_layers, steps, batch_size, anchors, lr, time_budget):
+                  num_layers, target_layers, steps, batch_size, anchors, lr, draft_vocab, time_budget):
     """Train a DFlash block-diffusion drafter for a target by self-distillation (resumable)."""
     import time as _time
 
@@ -292,6 +298,8 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
 
     if min(block_size, num_layers, steps, batch_size, anchors, max_response) <= 0 or block_size < 2:
         raise SpecframeError("--block-size (>= 2), --layers, --steps, --batch-size, --anchors and --max-response must be positive")
+    if draft_vocab < 0:
+        raise SpecframeError(f"--draft-vocab must be 0 (whole vocabulary) or a positive token count, got {draft_vocab}")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     log_file = open(work / "train.log", "a")
@@ -307,7 +315,7 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
     tgt = Target.load(target)
     layers = [int(x) for x in target_layers.split(",")] if target_layers else default_layer_ids(tgt.num_layers)
     cfg = TrainConfig(block_size=block_size, num_layers=num_layers, target_layer_ids=layers, steps=steps,
-                      batch_size=batch_size, anchors_per_seq=anchors, lr=lr)
+                      batch_size=batch_size, anchors_per_seq=anchors, lr=lr, draft_vocab=draft_vocab)
     log(f"train-drafter: target {tgt.name}, work {work}, stage {stage}, config {cfg}")
     files = [f for f in (data_files or "").split(",") if f]
     if stage in ("all", "data") and not files:

@@ -199,11 +199,14 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
 
 
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target_config_target: Target | None = None,
-             registry: Registry | None = None, overhead_s: float | None = None, draft_s: float | None = None) -> dict:
+             registry: Registry | None = None, overhead_s: float | None = None, draft_s: float | None = None,
+             compare: Path | None = None) -> dict:
     """Replay every method over the trace with latencies from ``profile``; write summary.json and report.md.
 
     ``draft_s`` replaces the traced (measured here) draft time per step — set it when the simulated device
-    drafts at a different speed than the machine that recorded the trace."""
+    drafts at a different speed than the machine that recorded the trace. ``compare``: a ``specframe
+    bench`` directory measured on the profiled machine; the report then sets the simulated τ and speedup
+    beside the measured ones on the traced prompts (the simulator's own validation)."""
     from specframe.plugins.cost_models import ProfileCost
 
     registry = registry or Registry()
@@ -237,10 +240,54 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         for label in table:
             table[label]["speedup_vs_ar"] = table[label]["tokens_per_s"] / table["ar"]["tokens_per_s"]
         summary["datasets"][ds] = table
+    if compare is not None:
+        summary["validation"] = validate_against(summary, rows, Path(compare))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.md").write_text(render(summary, rows))
     return summary
+
+
+def validate_against(summary: dict, trace_rows: list[dict], bench_dir: Path) -> dict:
+    """Measured τ and speedup vs ar (decode time, prefill excluded, as simulated) of the bench run in
+    ``bench_dir`` on the traced prompts, beside the simulated ones, per dataset and method. A simulated
+    method is matched to the bench method that ran the trace's drafter: ``LABEL@DRAFTER``, or ``LABEL``
+    when the bench resolved that label to the same drafter."""
+    results, meta = bench_dir / "results.jsonl", bench_dir / "summary.json"
+    for f in (results, meta):
+        if not f.is_file():
+            raise SpecframeError(f"--compare needs a `specframe bench` directory; {f} is missing")
+    live = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    components = json.loads(meta.read_text()).get("components", {})
+    drafter = trace_rows[0]["drafter"]
+    traced = {(r["dataset"], r["prompt_id"]) for r in trace_rows}
+    out: dict = {"bench": str(bench_dir), "datasets": {}}
+    for ds, table in summary["datasets"].items():
+        agg: dict[str, list[float]] = {}
+        for r in live:
+            if r["dataset"] == ds and (ds, r["prompt_id"]) in traced and not r.get("error") and r.get("decoding_steps"):
+                a = agg.setdefault(r["method"], [0, 0.0, 0, 0, set()])
+                a[0] += r["new_tokens"]
+                a[1] += r["wall_time"] - r.get("prefill_time", 0.0)
+                a[2] += sum(r["accept_lengths"])
+                a[3] += r["decoding_steps"]
+                a[4].add(r["prompt_id"])
+        if "ar" not in agg:
+            continue
+        ar_rate = agg["ar"][0] / agg["ar"][1]
+        rows = {}
+        for lab, sim in table.items():
+            key = next((k for k in (f"{lab}@{drafter}", lab) if k in agg
+                        and (k == "ar" or components.get(k, {}).get("drafter", drafter) == drafter)), None)
+            if key is None:
+                continue
+            tokens, secs, acc, steps, prompts = agg[key]
+            speed = tokens / secs / ar_rate
+            rows[lab] = {"bench_method": key, "prompts": len(prompts), "tau": acc / steps, "speedup_vs_ar": speed,
+                         "sim_tau": sim["tau"], "sim_speedup_vs_ar": sim["speedup_vs_ar"],
+                         "speedup_error": sim["speedup_vs_ar"] / speed - 1}
+        out["datasets"][ds] = rows
+    return out
 
 
 def _sim_components(registry, target, label, cost, row):
@@ -268,32 +315,51 @@ def render(summary: dict, rows: list[dict]) -> str:
             sizes = f"{e['mean_tree_size']:.1f} · {e['median_tree_size']:g} · {e['p90_tree_size']:g} · {e['max_tree_size']}"
             lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
         lines.append("")
+    val = summary.get("validation")
+    if val:
+        lines += ["## Simulated vs measured", "",
+                  f"Measured: `{val['bench']}` on the traced prompts (decode time; prefill excluded as in the simulation).", ""]
+        for ds, rows in val["datasets"].items():
+            lines += [f"### {ds}", "", "| method (bench) | prompts | τ sim / measured | speedup sim / measured | speedup error |",
+                      "|---|---|---|---|---|"]
+            for lab, e in rows.items():
+                lines.append(f"| {lab} ({e['bench_method']}) | {e['prompts']} | {e['sim_tau']:.3f} / {e['tau']:.3f} | "
+                             f"{e['sim_speedup_vs_ar']:.2f}× / {e['speedup_vs_ar']:.2f}× | {100 * e['speedup_error']:+.1f} % |")
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats: int, out: Path) -> Path:
-    """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON)."""
+    """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON).
+
+    Points are measured round-robin — every (c, n) once per round, ``repeats`` rounds after a discarded
+    warm-up round — so a drift of the machine (another process, clock changes) spreads over all points
+    instead of skewing the ones measured during it."""
     from .tree import Tree
 
     if max(contexts) + max(ns) > target.max_context:
         raise SpecframeError(f"context {max(contexts)} + n {max(ns)} exceeds the target's context ({target.max_context})")
-    points = []
+    sessions = {}
     for c in contexts:
-        session = target.start()
-        session.prefill([0] * c)
-        for n in ns:
-            tree = Tree.from_lists([0] * n, list(range(-1, n - 1)))
-            times = []
-            for _ in range(repeats + 1):
+        sessions[c] = target.start()
+        sessions[c].prefill([0] * c)
+    trees = {n: Tree.from_lists([0] * n, list(range(-1, n - 1))) for n in ns}
+    times: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in ns}
+    for rnd in range(repeats + 1):
+        for c in contexts:
+            for n in ns:
                 target.synchronize()
                 t0 = time.perf_counter()
-                session.verify(tree)
+                sessions[c].verify(trees[n])
                 target.synchronize()
-                times.append(time.perf_counter() - t0)
-                session.rollback(n)
-            times = sorted(times[1:])
-            points.append({"n": n, "c": c, "ms_median": 1000 * times[len(times) // 2],
-                           "ms_min": 1000 * times[0], "ms_max": 1000 * times[-1]})
+                if rnd:  # round 0 warms every shape up
+                    times[(n, c)].append(time.perf_counter() - t0)
+                sessions[c].rollback(n)
+    points = []
+    for (n, c), ts in times.items():
+        ts = sorted(ts)
+        points.append({"n": n, "c": c, "ms_median": 1000 * ts[len(ts) // 2], "ms_min": 1000 * ts[0],
+                       "ms_max": 1000 * ts[-1]})
     out.write_text(json.dumps({"model": target.name, "dtype": str(target.dtype), "device": str(target.device),
-                               "points": points}, indent=2))
+                               "repeats": repeats, "points": points}, indent=2))
     return out

@@ -160,6 +160,7 @@ class TrainConfig:
     save_every: int = 200
     eval_every: int = 200
     eval_sequences: int = 64
+    draft_vocab: int = 0  # > 0: read out only the K most frequent answer tokens (0: the whole vocabulary)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -244,22 +245,57 @@ def block_batch(tokens: np.ndarray, plen: int, anchors: list[int], block: int, m
     return ids, pos, labels, mask
 
 
-def sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights):
-    """Weighted block cross-entropy of one sequence; returns (loss sum, weight sum, per-slot hits, counts)."""
+def sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights, t2d=None):
+    """Weighted block cross-entropy of one sequence; returns (loss sum, weight sum, per-slot hits, counts).
+
+    ``head`` is the (possibly draft-vocabulary) read-out; ``t2d`` (V,) maps a target id to its row, -1
+    where the draft vocabulary lacks it: such labels leave the loss and count as misses."""
     tokens, feats, plen = seq
     ids, pos, labels, mask = block_batch(tokens, plen, anchors, block, mask_id)
     ctx = model.context(torch.from_numpy(np.asarray(feats, dtype=np.float32)))
     ctx_kv = model.context_kv(ctx, torch.arange(ctx.shape[0]))
     h = model(F.embedding(ids, embed), pos, ctx_kv, mask)
     keep = labels >= 0
-    logits = F.linear(h[keep], head)
-    ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
     slot = (torch.arange(len(ids)) % block)[keep]
+    rows = labels[keep] if t2d is None else t2d[labels[keep]]
+    inside = rows >= 0
+    logits = F.linear(h[keep], head)
+    ce = F.cross_entropy(logits[inside].float(), rows[inside], reduction="none")
     w = weights[slot]
-    hits = (logits.argmax(-1) == labels[keep]).float()
+    hits = ((logits.argmax(-1) == rows) & inside).float()
     per_hits = torch.zeros(block).index_add_(0, slot, hits)
     per_count = torch.zeros(block).index_add_(0, slot, torch.ones_like(hits))
-    return (ce * w).sum(), w.sum(), per_hits, per_count
+    return (ce * w[inside]).sum(), w.sum(), per_hits, per_count
+
+
+def frequent_tokens(seqs, rows: list[int], k: int) -> torch.Tensor:
+    """The ``k`` most frequent answer tokens of sequences ``rows`` (ids, most frequent first)."""
+    counts = np.zeros(0, dtype=np.int64)
+    for i in rows:
+        tokens, _, plen = seqs[i]
+        c = np.bincount(np.asarray(tokens[plen:], dtype=np.int64))
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[: len(c)] += c
+    order = np.argsort(-counts, kind="stable")[: min(k, int((counts > 0).sum()))]
+    return torch.from_numpy(order.copy())
+
+
+def split_rows(n: int, cfg: TrainConfig, meta: dict | None) -> tuple[list[int], list[int]]:
+    """(eval rows, train rows). The held-out rows are fixed by the first run and kept on resume,
+    also when later runs see more extracted sequences (new rows only ever join training)."""
+    if meta and "eval_rows" in meta:
+        held = list(meta["eval_rows"])
+    else:
+        first = n if not meta else meta["train_sequences"] + meta["eval_sequences"]  # the first run's count
+        order = list(range(first))
+        random.Random(cfg.seed).shuffle(order)
+        held = order[: meta["eval_sequences"] if meta else min(cfg.eval_sequences, max(1, first // 10))]
+    held_set = set(held)
+    rng = random.Random(cfg.seed)
+    train_rows = [i for i in range(n) if i not in held_set]
+    rng.shuffle(train_rows)
+    return held, train_rows
 
 
 def pick_anchors(rng: random.Random, seq, count: int) -> list[int]:
@@ -313,27 +349,33 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
     seqs = store.sequences()
     if len(seqs) < 2:
         raise SpecframeError(f"feature cache {store.root} holds {len(seqs)} sequences; extract features first")
-    rng = random.Random(cfg.seed)
-    order = list(range(len(seqs)))
-    rng.shuffle(order)
-    n_eval = min(cfg.eval_sequences, max(1, len(seqs) // 10))
-    eval_ids, train_ids = order[:n_eval], order[n_eval:]
     ckpt = work / "checkpoint"
-    if (ckpt / "trainer.json").is_file():
+    meta = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
+    eval_ids, train_ids = split_rows(len(seqs), cfg, meta)
+    if meta is not None:
         model, opt, meta = load_checkpoint(DFlashModel, ckpt, cfg.lr, cfg.weight_decay)
         step, history = meta["step"], meta.get("history", [])
-        log(f"train: resumed at step {step}")
+        log(f"train: resumed at step {step} ({len(train_ids)} training sequences)")
     else:
         model = new_drafter(target, cfg).float().train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, history = 0, []
+    if cfg.draft_vocab and model.cfg.draft_vocab_size is None:
+        model.set_draft_vocab(frequent_tokens(seqs, train_ids, cfg.draft_vocab))
+        log(f"train: draft vocabulary of {model.cfg.draft_vocab_size} tokens")
     block, mask_id = model.cfg.block_size, model.cfg.mask_token_id
     gamma = cfg.gamma or block / 2
     weights = torch.tensor([0.0] + [math.exp(-(k - 1) / gamma) for k in range(1, block)])
-    embed, head = target.embedding_weight().float(), target.lm_head_weight().float()
+    embed = target.embedding_weight().float()
+    head = model.head_rows(target.lm_head_weight().float())
+    t2d = None
+    if model.cfg.draft_vocab_size is not None:
+        t2d = torch.full((target.vocab_size,), -1, dtype=torch.long)
+        t2d[model.draft_vocab] = torch.arange(model.cfg.draft_vocab_size)
     t0, seen_tokens = time.perf_counter(), 0
     rng = random.Random(cfg.seed + step)
-    extra = {"config": asdict(cfg), "train_sequences": len(train_ids), "eval_sequences": n_eval}
+    extra = {"config": asdict(cfg), "train_sequences": len(train_ids), "eval_sequences": len(eval_ids),
+             "eval_rows": eval_ids}
 
     def evaluate() -> dict:
         model.eval()
@@ -344,7 +386,7 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
             for i in eval_ids:
                 anchors = pick_anchors(erng, seqs[i], cfg.anchors_per_seq)
                 if anchors:
-                    loss, w, h, c = sequence_loss(model, embed, head, seqs[i], anchors, block, mask_id, weights)
+                    loss, w, h, c = sequence_loss(model, embed, head, seqs[i], anchors, block, mask_id, weights, t2d)
                     tot, wsum, hits, counts = tot + float(loss), wsum + float(w), hits + h, counts + c
         model.train()
         acc = (hits / counts.clamp(min=1)).tolist()
@@ -364,7 +406,7 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
             anchors = pick_anchors(rng, seq, cfg.anchors_per_seq)
             if not anchors:
                 continue
-            loss, w, _, _ = sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights)
+            loss, w, _, _ = sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights, t2d)
             (loss / (cfg.batch_size * cfg.anchors_per_seq)).backward()
             tot, wsum = tot + float(loss.detach()), wsum + float(w)
             seen_tokens += len(anchors) * (block - 1)

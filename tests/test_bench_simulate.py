@@ -71,6 +71,8 @@ def test_bench_end_to_end(target, dataset, tmp_path):
     bastion_rows = [r for r in rows if r["method"] == "bastion"]
     share = sum(sum(r["drafted"]) for r in bastion_rows) / sum(r["decoding_steps"] for r in bastion_rows)
     assert table["bastion"]["drafted_share"] == pytest.approx(share)
+    assert set(summary["components"]) == {"ar", "chain", "best-first:8", "bastion"}  # what each label resolved to
+    assert summary["components"]["chain"]["expansion"] == "chain" and "drafter" in summary["components"]["bastion"]
     report = (out / "report.md").read_text()
     assert "| chain |" in report and "machine:" in report
     for png in ("speedup.png", "trees.png", "cost_model.png"):
@@ -166,3 +168,31 @@ def test_simulated_draft_gate_falls_back_to_ar_when_drafting_is_too_slow(target,
     fast = simulate(tmp_path / "trace.jsonl", ["bastion"], str(tmp_path / "flat.json"), tmp_path / "fast", target,
                     draft_s=0.0001)["datasets"]["toy"]
     assert fast["bastion"]["speedup_vs_ar"] > 1.2 and fast["bastion"]["tau"] > 1.3, fast
+
+
+def test_simulate_compare_sets_measured_beside_simulated(target, dataset, tmp_path):
+    """`simulate --compare BENCH` matches each simulated method to the bench method that ran the trace's
+    drafter and reports both; greedy τ agrees exactly, on the same prompts."""
+    from specframe.datasets import load
+
+    bench = tmp_path / "bench"
+    run_bench(target, ["ar", "chain@ngram", "best-first:8@ngram", "chain"], [dataset], bench, num_prompts=3,
+              max_new_tokens=20, progress=False, plots=False)
+    record_trace(target, "ngram", load(dataset, 2), 20, tmp_path / "trace.jsonl", log=lambda m: None)
+    measure_profile(target, [1, 2, 4, 8, 16], [8, 64], 1, tmp_path / "profile.json")
+    summary = simulate(tmp_path / "trace.jsonl", ["chain", "best-first:8", "static-tree"], str(tmp_path / "profile.json"),
+                       tmp_path / "sim", target, compare=bench)
+    rows = summary["validation"]["datasets"]["toy"]
+    assert rows["chain"]["bench_method"] == "chain@ngram"  # not `chain`, which ran another drafter
+    assert rows["best-first:8"]["bench_method"] == "best-first:8@ngram"
+    assert "static-tree" not in rows  # not measured: left out, not guessed
+    assert rows["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    for lab in ("chain", "best-first:8"):
+        assert rows[lab]["prompts"] == 2
+        assert rows[lab]["sim_tau"] == pytest.approx(rows[lab]["tau"], abs=1e-12)
+        assert rows[lab]["speedup_error"] == pytest.approx(rows[lab]["sim_speedup_vs_ar"] / rows[lab]["speedup_vs_ar"] - 1)
+    report = (tmp_path / "sim" / "report.md").read_text()
+    assert "## Simulated vs measured" in report and "chain (chain@ngram)" in report
+    res = CliRunner().invoke(cli, ["simulate", "--trace", str(tmp_path / "trace.jsonl"), "--profile",
+                                   str(tmp_path / "profile.json"), "--compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "needs a `specframe bench` directory" in res.output

@@ -188,3 +188,87 @@ def test_training_smoke_reduces_loss(tmp_path):
     ckpt = train(target, store, tmp_path / "b", cfg, log=lambda msg: None)
     assert json.loads((ckpt / "trainer.json").read_text())["step"] == 60
     assert isinstance(DFlashModel.load(ckpt), DFlashModel)
+
+
+def _own_rows(target, n=24, new=20, seed=0):
+    gen = SpecGenerator(target, "ar")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = [rng.randrange(64) for _ in range(rng.randrange(3, 8))]
+        rows.append((prompt, gen.generate(prompt, new).token_ids))
+    return rows
+
+
+def test_draft_vocabulary_round_trip_and_proposals_stay_inside(target, tmp_path):
+    """A checkpoint with a draft vocabulary reloads to the same marginals over exactly those tokens, and
+    every proposal is one of them; the full-vocabulary marginals restricted to it agree up to normalisation."""
+    model, path = _drafter_dir(target, tmp_path)
+    vocab = torch.tensor([5, 9, 17, 33, 40, 41, 60, 2])
+    full = DFlashDrafter(target, str(path), top_k=4)
+    model.set_draft_vocab(vocab)
+    model.save(tmp_path / "dv", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "dv" / "config.json").read_text())
+    assert cfg["dflash_config"]["draft_vocab_size"] == 8
+    cut = DFlashDrafter(target, str(tmp_path / "dv"), top_k=4)
+    assert torch.equal(cut.vocab, vocab)
+    ids = [3, 7, 11, 2, 5, 8]
+    feats = target.features(ids[:-1], tuple(model.cfg.target_layer_ids))
+    for d in (full, cut):
+        d.start(ids[:-1], feats)
+    lf, lc = full.marginals(ids[-1]), cut.marginals(ids[-1])
+    assert lc.shape == (model.cfg.block_size - 1, 8)
+    assert torch.allclose(lc, torch.log_softmax(lf[:, vocab], dim=-1), atol=1e-9)
+    draft = cut.propose(ids, 3)
+    proposed = {c.token for d in range(3) for c in draft.children(draft.ROOT, d)}
+    assert len(proposed) >= 4 and proposed <= set(vocab.tolist())
+
+
+def test_draft_vocabulary_outside_the_target_is_one_clear_error(tmp_path):
+    target = _target()
+    model, _ = _drafter_dir(target, tmp_path)
+    model.set_draft_vocab(torch.tensor([1, 2, 64]))
+    model.save(tmp_path / "bad", dtype=torch.float32)
+    with pytest.raises(SpecframeError, match="draft vocabulary holds token id 64.*vocabulary \\[0, 64\\)"):
+        DFlashDrafter(target, str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("policy", ["chain", "best-first"])
+def test_greedy_parity_with_a_draft_vocabulary(tmp_path, policy):
+    target = _target()
+    model, _ = _drafter_dir(target, tmp_path)
+    model.set_draft_vocab(torch.arange(0, 64, 3))
+    model.save(tmp_path / "dv", dtype=torch.float32)
+    ar = SpecGenerator(target, "ar")
+    gen = SpecGenerator(target, policy, drafter=f"dflash:{tmp_path / 'dv'}")
+    for prompt in ([1, 2, 3], [9, 8, 7, 6, 5]):
+        assert gen.generate(prompt, 24).token_ids == ar.generate(prompt, 24).token_ids
+
+
+def test_training_with_a_draft_vocabulary_and_growing_data_keeps_its_held_out_rows(tmp_path):
+    """--draft-vocab trains a head over the most frequent answer tokens; a resume over a larger feature
+    cache keeps the first run's held-out sequences (new rows only join training) and its vocabulary."""
+    target = _target()
+    rows = _own_rows(target, n=32)
+    store = FeatureStore(tmp_path / "features")
+    store.extract(target, rows[:20], (0, 2), shard_rows=8, log=lambda msg: None)
+    cfg = TrainConfig(block_size=4, num_layers=1, target_layer_ids=[0, 2], mask_token_id=63, steps=20, batch_size=4,
+                      anchors_per_seq=4, lr=3e-3, warmup=5, eval_every=1000, save_every=1000, eval_sequences=8,
+                      draft_vocab=12)
+    ckpt = train(target, store, tmp_path / "w", cfg, log=lambda msg: None)
+    first = json.loads((ckpt / "trainer.json").read_text())
+    model = DFlashModel.load(ckpt)
+    assert model.cfg.draft_vocab_size == 12
+    answers = np.concatenate([np.asarray(resp) for i, (_, resp) in enumerate(rows[:20]) if i not in first["eval_rows"]])
+    counts = np.bincount(answers, minlength=64)
+    assert counts[model.draft_vocab.numpy()].min() >= np.sort(counts)[-12]  # the 12 most frequent
+    assert len(first["eval_rows"]) == 2 and first["train_sequences"] == 18
+    store.extract(target, rows, (0, 2), shard_rows=8, log=lambda msg: None)  # 12 more rows
+    assert len(store.sequences()) == 32
+    ckpt = train(target, store, tmp_path / "w", TrainConfig(**{**cfg.__dict__, "steps": 30, "draft_vocab": 50}),
+                 log=lambda msg: None)
+    second = json.loads((ckpt / "trainer.json").read_text())
+    assert second["eval_rows"] == first["eval_rows"] and second["train_sequences"] == 30
+    again = DFlashModel.load(ckpt)
+    assert torch.equal(again.draft_vocab, model.draft_vocab)  # fixed by the first run
+    assert second["history"][-1]["step"] == 30
