@@ -286,10 +286,11 @@ def profile(ns, contexts, repeats, target, out_file):
 @click.option("--anchors", type=int, default=4, show_default=True, help="Anchor positions per sequence.")
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--draft-vocab", type=int, default=0, show_default=True, help="Read out only the K most frequent answer tokens (a CPU draft step is mostly the LM head); 0: the whole vocabulary. Fixed by the first training run.")
+@click.option("--init-from", default=None, type=click.Path(file_okay=False), help="Start from this drafter's weights (a checkpoint or an exported drafter) with a fresh optimizer and schedule; its held-out rows stay held out.")
 @click.option("--time-budget", type=float, default=None, help="Minutes this invocation may run; it stops cleanly and a rerun resumes.")
 @click.pass_context
 def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage, max_rows, max_response, block_size,
-                  num_layers, target_layers, steps, batch_size, anchors, lr, draft_vocab, time_budget):
+                  num_layers, target_layers, steps, batch_size, anchors, lr, draft_vocab, init_from, time_budget):
     """Train a DFlash block-diffusion drafter for a target by self-distillation (resumable)."""
     import time as _time
 
@@ -298,6 +299,8 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
 
     if min(block_size, num_layers, steps, batch_size, anchors, max_response) <= 0 or block_size < 2:
         raise SpecframeError("--block-size (>= 2), --layers, --steps, --batch-size, --anchors and --max-response must be positive")
+    if init_from is not None and not (Path(init_from) / "model.safetensors").is_file():
+        raise SpecframeError(f"--init-from needs a drafter directory with model.safetensors; {init_from} has none")
     if draft_vocab < 0:
         raise SpecframeError(f"--draft-vocab must be 0 (whole vocabulary) or a positive token count, got {draft_vocab}")
     work = Path(work_dir)
@@ -315,7 +318,7 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
     tgt = Target.load(target)
     layers = [int(x) for x in target_layers.split(",")] if target_layers else default_layer_ids(tgt.num_layers)
     cfg = TrainConfig(block_size=block_size, num_layers=num_layers, target_layer_ids=layers, steps=steps,
-                      batch_size=batch_size, anchors_per_seq=anchors, lr=lr, draft_vocab=draft_vocab)
+                      batch_size=batch_size, anchors_per_seq=anchors, lr=lr, draft_vocab=draft_vocab, init_from=init_from)
     log(f"train-drafter: target {tgt.name}, work {work}, stage {stage}, config {cfg}")
     files = [f for f in (data_files or "").split(",") if f]
     if stage in ("all", "data") and not files:

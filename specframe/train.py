@@ -161,6 +161,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_sequences: int = 64
     draft_vocab: int = 0  # > 0: read out only the K most frequent answer tokens (0: the whole vocabulary)
+    init_from: str | None = None  # start from this drafter's weights (fresh optimizer and schedule)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -341,6 +342,18 @@ def load_checkpoint(model_cls, path: Path, lr: float, weight_decay: float):
     return model, opt, meta
 
 
+def _training_record(path: Path) -> dict | None:
+    """What a drafter directory says about its training run (``trainer.json`` of a checkpoint, or the
+    ``training`` entry an exported drafter keeps in ``config.json``); None when it says nothing."""
+    for f, key in ((path / "trainer.json", None), (path / "config.json", "training")):
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            rec = raw if key is None else raw.get(key)
+            if rec and "train_sequences" in rec and "eval_sequences" in rec:
+                return rec
+    return None
+
+
 def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log=print,
           deadline: float | None = None, progress=None) -> Path:
     """Train (or resume) a drafter on the cached features; returns the checkpoint directory."""
@@ -351,13 +364,21 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
         raise SpecframeError(f"feature cache {store.root} holds {len(seqs)} sequences; extract features first")
     ckpt = work / "checkpoint"
     meta = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
-    eval_ids, train_ids = split_rows(len(seqs), cfg, meta)
+    prior = meta if meta is not None or not cfg.init_from else _training_record(Path(cfg.init_from))
+    eval_ids, train_ids = split_rows(len(seqs), cfg, prior)  # an init drafter's held-out rows stay held out
     if meta is not None:
         model, opt, meta = load_checkpoint(DFlashModel, ckpt, cfg.lr, cfg.weight_decay)
         step, history = meta["step"], meta.get("history", [])
         log(f"train: resumed at step {step} ({len(train_ids)} training sequences)")
     else:
-        model = new_drafter(target, cfg).float().train()
+        if cfg.init_from:
+            from specframe.plugins.dflash import check_fits
+
+            model = DFlashModel.load(cfg.init_from, dtype=torch.float32).train()
+            check_fits(model.cfg, target)
+            log(f"train: starting from the weights of {cfg.init_from}")
+        else:
+            model = new_drafter(target, cfg).float().train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, history = 0, []
     if cfg.draft_vocab and model.cfg.draft_vocab_size is None:
@@ -376,6 +397,8 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
     rng = random.Random(cfg.seed + step)
     extra = {"config": asdict(cfg), "train_sequences": len(train_ids), "eval_sequences": len(eval_ids),
              "eval_rows": eval_ids}
+    if cfg.init_from and prior:
+        extra["init_history"] = (meta or {}).get("init_history") or prior.get("history", [])
 
     def evaluate() -> dict:
         model.eval()

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from click.testing import CliRunner
 
 from specframe import Registry, SpecGenerator, Target
+from specframe.cli import cli
 from specframe.errors import SpecframeError
 from specframe.plugins.dflash import DFlashDrafter, DFlashModel
 from specframe.train import (
@@ -272,3 +274,30 @@ def test_training_with_a_draft_vocabulary_and_growing_data_keeps_its_held_out_ro
     again = DFlashModel.load(ckpt)
     assert torch.equal(again.draft_vocab, model.draft_vocab)  # fixed by the first run
     assert second["history"][-1]["step"] == 30
+
+
+def test_init_from_a_drafter_keeps_its_held_out_rows_and_restarts_the_schedule(tmp_path):
+    target = _target()
+    rows = _own_rows(target, n=24)
+    store = FeatureStore(tmp_path / "w1" / "features")
+    store.extract(target, rows, (0, 2), shard_rows=8, log=lambda msg: None)
+    cfg = TrainConfig(block_size=4, num_layers=1, target_layer_ids=[0, 2], mask_token_id=63, steps=10, batch_size=4,
+                      anchors_per_seq=4, lr=3e-3, warmup=2, eval_every=1000, save_every=1000, eval_sequences=8)
+    first = train(target, store, tmp_path / "w1", cfg, log=lambda msg: None)
+    exported = tmp_path / "exported"
+    from specframe.train import export
+
+    export(first, exported, dtype=torch.float32)
+    before = json.loads((first / "trainer.json").read_text())
+    again = TrainConfig(**{**cfg.__dict__, "steps": 6, "init_from": str(exported)})
+    logs: list[str] = []
+    ckpt = train(target, store, tmp_path / "w2", again, log=logs.append)
+    after = json.loads((ckpt / "trainer.json").read_text())
+    assert after["eval_rows"] == before["eval_rows"] and after["step"] == 6
+    assert after["init_history"] == before["history"]
+    assert any("starting from the weights" in m for m in logs)
+    w0 = DFlashModel.load(exported).state_dict()["fc.weight"]
+    w1 = DFlashModel.load(ckpt).state_dict()["fc.weight"]
+    assert not torch.equal(w0, w1) and (w0 - w1).abs().max() < 0.5  # trained further, from there
+    res = CliRunner().invoke(cli, ["train-drafter", "--init-from", str(tmp_path / "nope"), "--work", str(tmp_path / "w3")])
+    assert res.exit_code == 2 and "--init-from needs a drafter directory" in res.output
