@@ -454,11 +454,37 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
 
 
 def export(ckpt: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write an inference-only copy (no optimizer state) in the published layout."""
+    """Write an inference-only copy (no optimizer state) in the published layout, with ``TRAINING.md``:
+    the run's settings and its held-out loss and per-slot accuracy curve (a model card's measured part)."""
     from specframe.plugins.dflash import DFlashModel
 
     model = DFlashModel.load(ckpt, dtype=torch.float32)
     raw = json.loads((ckpt / "config.json").read_text())
     keep = {k: raw[k] for k in ("target_fingerprint", "training") if k in raw}
     model.save(out, dtype=dtype, extra_config=keep)
+    if "training" in raw:
+        (out / "TRAINING.md").write_text(training_card(raw["training"], model))
     return out
+
+
+def training_card(rec: dict, model) -> str:
+    """Markdown: settings and the held-out curve of a training record (earlier runs it started from first)."""
+    cfg, c = rec.get("config", {}), model.cfg
+    vocab = f"{c.draft_vocab_size} most frequent answer tokens" if c.draft_vocab_size else "the whole target vocabulary"
+    lines = ["# Training record", "",
+             f"- architecture: {c.num_hidden_layers} draft layers, block size {c.block_size}, mask token {c.mask_token_id}, "
+             f"context from target layers {list(c.target_layer_ids)}, read-out over {vocab}",
+             f"- data: {rec.get('train_sequences')} training / {rec.get('eval_sequences')} held-out sequences",
+             f"- last run: batch {cfg.get('batch_size')} sequences × {cfg.get('anchors_per_seq')} anchors, lr {cfg.get('lr')} "
+             f"(warm-up {cfg.get('warmup')}, cosine to step {cfg.get('steps')})"
+             + (f", started from the weights of `{Path(cfg['init_from']).name}`" if cfg.get("init_from") else ""), "",
+             "Held-out weighted block loss and top-1 accuracy per slot (slot k predicts the k-th token after the anchor):", ""]
+    runs = [("earlier run", rec.get("init_history") or []), ("this run" if rec.get("init_history") else "", rec.get("history", []))]
+    width = max((len(h["slot_accuracy"]) for _, hist in runs for h in hist), default=0)
+    lines += ["| run | step | held-out loss | " + " | ".join(f"slot {k}" for k in range(1, width + 1)) + " |",
+              "|---|---|---|" + "---|" * width]
+    for name, hist in runs:
+        for h in hist:
+            accs = " | ".join(f"{a:.3f}" for a in h["slot_accuracy"])
+            lines.append(f"| {name} | {h['step']} | {h['eval_loss']:.3f} | {accs} |")
+    return "\n".join(lines) + "\n"

@@ -288,6 +288,8 @@ def test_init_from_a_drafter_keeps_its_held_out_rows_and_restarts_the_schedule(t
     from specframe.train import export
 
     export(first, exported, dtype=torch.float32)
+    card = (exported / "TRAINING.md").read_text()
+    assert "| 10 |" in card and "slot 3" in card and "3 held-out" not in card
     before = json.loads((first / "trainer.json").read_text())
     again = TrainConfig(**{**cfg.__dict__, "steps": 6, "init_from": str(exported)})
     logs: list[str] = []
