@@ -266,7 +266,7 @@ def sequence_loss(model, embed, head, seq, anchors, block, mask_id, weights, t2d
     hits = ((logits.argmax(-1) == rows) & inside).float()
     per_hits = torch.zeros(block).index_add_(0, slot, hits)
     per_count = torch.zeros(block).index_add_(0, slot, torch.ones_like(hits))
-    return (ce * w[inside]).sum(), w.sum(), per_hits, per_count
+    return (ce * w[inside]).sum(), w[inside].sum(), per_hits, per_count
 
 
 def frequent_tokens(seqs, rows: list[int], k: int) -> torch.Tensor:
@@ -354,11 +354,26 @@ def _training_record(path: Path) -> dict | None:
     return None
 
 
+def _start(target: Target, cfg: TrainConfig, ckpt: Path | None, log):
+    """(model, optimizer, step, history): resumed from ``ckpt``, else a new run from ``cfg.init_from``'s
+    weights or from the target's own layers."""
+    from specframe.plugins.dflash import DFlashModel, check_fits
+
+    if ckpt is not None:
+        model, opt, meta = load_checkpoint(DFlashModel, ckpt, cfg.lr, cfg.weight_decay)
+        return model, opt, meta["step"], meta.get("history", [])
+    if cfg.init_from:
+        model = DFlashModel.load(cfg.init_from, dtype=torch.float32).train()
+        check_fits(model.cfg, target)
+        log(f"train: starting from the weights of {cfg.init_from}")
+    else:
+        model = new_drafter(target, cfg).float().train()
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0, []
+
+
 def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log=print,
           deadline: float | None = None, progress=None) -> Path:
     """Train (or resume) a drafter on the cached features; returns the checkpoint directory."""
-    from specframe.plugins.dflash import DFlashModel
-
     seqs = store.sequences()
     if len(seqs) < 2:
         raise SpecframeError(f"feature cache {store.root} holds {len(seqs)} sequences; extract features first")
@@ -366,21 +381,9 @@ def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log
     meta = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
     prior = meta if meta is not None or not cfg.init_from else _training_record(Path(cfg.init_from))
     eval_ids, train_ids = split_rows(len(seqs), cfg, prior)  # an init drafter's held-out rows stay held out
+    model, opt, step, history = _start(target, cfg, ckpt if meta is not None else None, log)
     if meta is not None:
-        model, opt, meta = load_checkpoint(DFlashModel, ckpt, cfg.lr, cfg.weight_decay)
-        step, history = meta["step"], meta.get("history", [])
         log(f"train: resumed at step {step} ({len(train_ids)} training sequences)")
-    else:
-        if cfg.init_from:
-            from specframe.plugins.dflash import check_fits
-
-            model = DFlashModel.load(cfg.init_from, dtype=torch.float32).train()
-            check_fits(model.cfg, target)
-            log(f"train: starting from the weights of {cfg.init_from}")
-        else:
-            model = new_drafter(target, cfg).float().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        step, history = 0, []
     if cfg.draft_vocab and model.cfg.draft_vocab_size is None:
         model.set_draft_vocab(frequent_tokens(seqs, train_ids, cfg.draft_vocab))
         log(f"train: draft vocabulary of {model.cfg.draft_vocab_size} tokens")
