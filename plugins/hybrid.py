@@ -10,7 +10,8 @@ rule decide how many nodes of each source a step can afford. Adding a source nee
 A source also has to pay for its own draft time: with ``gate=True`` (default) each source has a
 :class:`~specframe.gate.DraftGate` that compares measured tokens per second of steps with and without it
 and skips it on steps where it has not been paying (re-trying it now and then). A cheap source (under 8 %
-of a step, e.g. prompt lookup) always runs.
+of a step, e.g. prompt lookup) always runs. Each gate sees the step with the other sources' draft time
+replaced by its running mean, so a slow source's runs do not make another source look slow.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class HybridDrafter(Drafter):
         self.gates_sources = bool(gate)
         self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
         self._draft_s: list[float] = []
+        self._mean_draft_s = [0.0] * len(self.sources)  # per source, over all steps (0 when skipped)
+        self._steps = 0
         self._mark = time.perf_counter()
 
     @classmethod
@@ -111,9 +114,19 @@ class HybridDrafter(Drafter):
             src.commit(tokens, self._feats(i, features))
         now = time.perf_counter()
         if self.gates is not None and self._ran is not None:  # a step's outcome: committed = root + accepted
-            for gate, ran, spent in zip(self.gates, self._ran, self._draft_s):
-                gate.record(ran, len(tokens), now - self._mark, spent)
+            self._record(len(tokens), now - self._mark)
         self._ran, self._mark = None, now
+
+    def _record(self, committed: int, step_s: float) -> None:
+        """Feed each source's gate the step, charging the *other* sources their mean draft time instead of
+        this step's: whether another source happened to run must not count for or against this one."""
+        for i, spent in enumerate(self._draft_s):
+            self._mean_draft_s[i] = spent if self._steps == 0 else 0.9 * self._mean_draft_s[i] + 0.1 * spent
+        self._steps += 1
+        others_now, others_mean = sum(self._draft_s), sum(self._mean_draft_s)
+        for i, (gate, ran, spent) in enumerate(zip(self.gates, self._ran, self._draft_s)):
+            step_i = step_s - (others_now - spent) + (others_mean - self._mean_draft_s[i])
+            gate.record(ran, committed, max(step_i, spent, 1e-9), spent)
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         raw, self._ran, self._draft_s = [], [], []

@@ -150,7 +150,7 @@ def test_hybrid_gates_the_source_that_does_not_pay(tiny_target, reference):
         out = gen.generate(PROMPT, 60)
         assert out.token_ids == reference[:60]
     fast, slow = hybrid.gates
-    assert fast.trials[False] <= fast.min_trials + 1, "the cheap good source is skipped at most while trying"
+    assert fast.trials[False] <= fast.min_trials + 1, (fast.summary(), slow.summary())
     assert slow.trials[True] < 0.3 * (slow.trials[True] + slow.trials[False]), slow.summary()
     ungated = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
     assert ungated.gates is None
