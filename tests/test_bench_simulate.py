@@ -196,3 +196,27 @@ def test_simulate_compare_sets_measured_beside_simulated(target, dataset, tmp_pa
     res = CliRunner().invoke(cli, ["simulate", "--trace", str(tmp_path / "trace.jsonl"), "--profile",
                                    str(tmp_path / "profile.json"), "--compare", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "needs a `specframe bench` directory" in res.output
+
+
+def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_path, monkeypatch):
+    """The bench keeps one generator per method over all prompts, so its learned surrogate carries from
+    one dataset into the next; the replay builds each method's components once for the whole trace (in
+    its order) and matches τ per dataset exactly."""
+    import specframe.simulate as sim
+
+    built = []
+    real = sim._sim_components
+    monkeypatch.setattr(sim, "_sim_components", lambda *a: built.append(a[2]) or real(*a))
+    prompts = [Prompt(str(i), "first" if i < 2 else "second", text=p, chat=False) for i, p in enumerate(PROMPTS)]
+    record_trace(target, "ngram", prompts, 30, tmp_path / "trace.jsonl", log=lambda m: None)
+    measure_profile(target, [1, 2, 4, 8, 16, 32, 64], [8, 400], 1, tmp_path / "profile.json")
+    summary = simulate(tmp_path / "trace.jsonl", ["best-first:8"], str(tmp_path / "profile.json"), tmp_path / "sim", target)
+    gen = SpecGenerator(target, "best-first:8", drafter="ngram")
+    live: dict[str, list[int]] = {"first": [0, 0], "second": [0, 0]}
+    for p in prompts:
+        st = gen.generate([int(w) for w in p.text.split()], 30).stats
+        live[p.dataset][0] += sum(r.accepted + 1 for r in st.records)
+        live[p.dataset][1] += st.steps
+    for ds, (acc, steps) in live.items():
+        assert summary["datasets"][ds]["best-first:8"]["tau"] == pytest.approx(acc / steps, abs=1e-12), ds
+    assert built == ["ar", "best-first:8"]  # once per method, not once per method and dataset
