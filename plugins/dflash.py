@@ -251,7 +251,7 @@ class DFlashModel(nn.Module):
         cfg["dtype"] = str(dtype).replace("torch.", "")
         cfg.update(extra_config or {})
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
-        state = {k: v.detach().to(v.dtype if k == "draft_vocab" else dtype).contiguous() for k, v in self.state_dict().items()}
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
 
     @classmethod
@@ -279,7 +279,7 @@ class DFlashModel(nn.Module):
         for k, v in state.items():
             if v.shape != own[k].shape:
                 raise SpecframeError(f"DFlash checkpoint tensor {k} has shape {tuple(v.shape)}, config implies {tuple(own[k].shape)}")
-        model.load_state_dict({k: v if k == "draft_vocab" else v.to(dtype) for k, v in state.items()})
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
         return model.to(dtype).eval()
 
 

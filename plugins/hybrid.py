@@ -85,12 +85,16 @@ class HybridDrafter(Drafter):
         ]
         self.max_depth = max(src.max_depth for src in self.sources)
         self.gates = [DraftGate() for _ in self.sources] if gate else None
-        self.gates_sources = bool(gate)
         self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
         self._draft_s: list[float] = []
         self._mean_draft_s = [0.0] * len(self.sources)  # per source, over all steps (0 when skipped)
         self._steps = 0
         self._mark = time.perf_counter()
+
+    @property
+    def gates_sources(self) -> bool:
+        """The hybrid gates its own sources (so the engine's draft gate leaves it alone)."""
+        return self.gates is not None
 
     @classmethod
     def available_for(cls, target) -> bool:
