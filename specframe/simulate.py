@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,16 +146,26 @@ class SimResult:
     steps: int = 0
     seconds: float = 0.0
     sizes: list[int] = field(default_factory=list)  # tree size of every step
+    overhead_s: float = 0.0  # host overhead charged (part of ``seconds``)
+
+    def add(self, other: "SimResult") -> None:
+        self.tokens += other.tokens
+        self.accepted_plus_bonus += other.accepted_plus_bonus
+        self.steps += other.steps
+        self.seconds += other.seconds
+        self.sizes += other.sizes
+        self.overhead_s += other.overhead_s
 
     @property
     def tau(self) -> float:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
-def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s: float | None = None,
+def replay(row: dict, comps, cost, overhead: "Overhead", ar: bool = False, draft_s: float | None = None,
            gate: DraftGate | None = None) -> SimResult:
-    """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``.
-    ``gate``: the policy's draft gate, fed the simulated step times as the engine feeds it real ones."""
+    """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``,
+    host overhead from ``overhead`` (given the policy's own work, timed here). ``gate``: the policy's
+    draft gate, fed the simulated step times as the engine feeds it real ones."""
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
@@ -167,7 +178,9 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
+        t0 = time.perf_counter()
         built = comps.expansion.expand(draft, ctx)
+        host_s = time.perf_counter() - t0
         tree = built.tree
         kids = tree.children()
         tokens = tree.tokens.tolist()
@@ -180,11 +193,14 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
             node = child
             path.append(node)
         committed = min(len(path), remaining)
-        comps.surrogate.observe(tree, path, built.scores)
         seconds = cost.predict(tree.size, context)
+        t0 = time.perf_counter()
+        comps.surrogate.observe(tree, path, built.scores)
         comps.cost_model.observe(tree.size, context, seconds)
+        host_s += time.perf_counter() - t0
         drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
-        spent = drafted_s + overhead_s
+        spent = drafted_s + overhead.step(tree.size, host_s)
+        res.overhead_s += spent - drafted_s
         if drafting:
             draft_ema = spent if not draft_ema else 0.8 * draft_ema + 0.2 * spent
         if gate is not None:
@@ -196,6 +212,44 @@ def replay(row: dict, comps, cost, overhead_s: float, ar: bool = False, draft_s:
         res.sizes.append(tree.size)
         pos += committed
     return res
+
+
+class Overhead:
+    """Host time of a simulated step besides drafting and the forward: the traced per-step overhead
+    (``base``, measured at n = 1 while tracing), plus what a bigger tree adds — the policy's own work
+    (expansion and observers, timed while replaying, beyond what ``ar``'s took) and the target-side
+    bookkeeping of its n nodes beyond one (the profile's ``host_ms_median`` column, when it has one)."""
+
+    def __init__(self, base: float, host: Callable[[int], float] | None):
+        self.base, self.host = base, host
+        self.reference = None  # ar's mean replay host time per step; None while replaying ar itself
+        self._ar_host: list[float] = []
+
+    def step(self, n: int, host_s: float) -> float:
+        if self.reference is None:
+            self._ar_host.append(host_s)
+            policy = 0.0
+        else:
+            policy = max(0.0, host_s - self.reference)
+        nodes = max(0.0, self.host(n) - self.host(1)) if self.host is not None else 0.0
+        return self.base + policy + nodes
+
+    def set_reference(self) -> None:
+        """Called once ``ar`` has been replayed: later policies are charged their work beyond its."""
+        ts = sorted(self._ar_host)
+        self.reference = ts[len(ts) // 2] if ts else 0.0
+
+
+def host_table(profile: Path):
+    """n → seconds of the target-side bookkeeping of an n-node tree (median over the profile's contexts),
+    or None when the profile has no ``host_ms_median`` column (e.g. a device profile)."""
+    points = json.loads(Path(profile).read_text())["points"]
+    if not all("host_ms_median" in q for q in points):
+        return None
+    ns = sorted({int(q["n"]) for q in points})
+    med = [float(np.median([q["host_ms_median"] for q in points if int(q["n"]) == n])) / 1000 for n in ns]
+    med = list(np.maximum.accumulate(med))  # non-decreasing in n
+    return lambda n: float(np.interp(n, ns, med))
 
 
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target_config_target: Target | None = None,
@@ -217,8 +271,9 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
     if overhead_s is None:
         over = [o for r in rows for o in r.get("overhead_s", [])]
         overhead_s = sorted(over)[len(over) // 2] if over else 0.0
+    overhead = Overhead(overhead_s, host_table(Path(profile)))
     summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "draft_s": draft_s,
-                     "datasets": {}}
+                     "host_per_node": overhead.host is not None, "datasets": {}}
     datasets_in_order = list(dict.fromkeys(r["dataset"] for r in rows))
     tables: dict[str, dict] = {ds: {} for ds in datasets_in_order}
     for label in ["ar"] + [lab for lab in labels if lab != "ar"]:
@@ -228,18 +283,15 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         gate = DraftGate() if getattr(comps.expansion, "gates_drafting", False) else None
         totals = {ds: SimResult() for ds in datasets_in_order}
         for r in rows:
-            one, total = replay(r, comps, cost, overhead_s, ar=label == "ar", draft_s=draft_s, gate=gate), totals[r["dataset"]]
-            total.tokens += one.tokens
-            total.accepted_plus_bonus += one.accepted_plus_bonus
-            total.steps += one.steps
-            total.seconds += one.seconds
-            total.sizes += one.sizes
+            totals[r["dataset"]].add(replay(r, comps, cost, overhead, ar=label == "ar", draft_s=draft_s, gate=gate))
+        if label == "ar":
+            overhead.set_reference()
         for ds, total in totals.items():
             tables[ds][label] = {"tau": total.tau, "mean_tree_size": float(np.mean(total.sizes)),
                                  "median_tree_size": float(np.median(total.sizes)),
                                  "p90_tree_size": float(np.percentile(total.sizes, 90)),
                                  "max_tree_size": max(total.sizes), "tokens_per_s": total.tokens / total.seconds,
-                                 "steps": total.steps}
+                                 "steps": total.steps, "overhead_ms_per_step": 1000 * total.overhead_s / total.steps}
     for ds, table in tables.items():
         for label in table:
             table[label]["speedup_vs_ar"] = table[label]["tokens_per_s"] / table["ar"]["tokens_per_s"]
@@ -310,14 +362,18 @@ def render(summary: dict, rows: list[dict]) -> str:
              "target and drafter, and each step's verification latency comes from the cost profile "
              f"`{Path(summary['profile']).name}`; draft time per step is "
              + ("the one measured while tracing" if summary.get("draft_s") is None else f"{1000 * summary['draft_s']:.1f} ms (given)")
-             + f", overhead {1000 * summary['overhead_s']:.1f} ms per step.", "",
+             + f"; host overhead {1000 * summary['overhead_s']:.1f} ms per step at n = 1 (traced), plus the policy's "
+             "own expansion work beyond `ar`'s (timed while replaying)"
+             + (" and the target-side bookkeeping per tree node (profile)" if summary.get("host_per_node") else "")
+             + ".", "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0]['drafter']}`, {sum(len(r['output']) for r in rows)} tokens", ""]
     for ds, table in summary["datasets"].items():
-        lines += [f"## {ds}", "", "| method | τ | tree size: mean · median · p90 · max | simulated tokens/s | simulated speedup vs ar |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {ds}", "", "| method | τ | tree size: mean · median · p90 · max | host overhead ms/step "
+                  "| simulated tokens/s | simulated speedup vs ar |", "|---|---|---|---|---|---|"]
         for lab, e in table.items():
             sizes = f"{e['mean_tree_size']:.1f} · {e['median_tree_size']:g} · {e['p90_tree_size']:g} · {e['max_tree_size']}"
-            lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
+            over = f"{e['overhead_ms_per_step']:.1f}" if "overhead_ms_per_step" in e else "–"
+            lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {over} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
         lines.append("")
     val = summary.get("validation")
     if val:
@@ -342,11 +398,14 @@ def render(summary: dict, rows: list[dict]) -> str:
 
 
 def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats: int, out: Path) -> Path:
-    """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON).
+    """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON), and
+    the host's bookkeeping after each forward (verifying the logits, keeping the path: ``host_ms_median``).
 
     Points are measured round-robin — every (c, n) once per round, ``repeats`` rounds after a discarded
     warm-up round — so a drift of the machine (another process, clock changes) spreads over all points
     instead of skewing the ones measured during it."""
+    from specframe.plugins.verifiers import GreedyVerifier
+
     from .tree import Tree
 
     if max(contexts) + max(ns) > target.max_context:
@@ -356,22 +415,30 @@ def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats:
         sessions[c] = target.start()
         sessions[c].prefill([0] * c)
     trees = {n: Tree.from_lists([0] * n, list(range(-1, n - 1))) for n in ns}
+    verifier = GreedyVerifier()
     times: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in ns}
+    host: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in ns}
     for rnd in range(repeats + 1):
         for c in contexts:
             for n in ns:
                 target.synchronize()
                 t0 = time.perf_counter()
-                sessions[c].verify(trees[n])
+                fwd = sessions[c].verify(trees[n])
                 target.synchronize()
+                t1 = time.perf_counter()
+                # the engine's bookkeeping of an n-node tree after the forward: verify the logits, keep the path
+                path = verifier.verify(trees[n], fwd.logits, None).path
+                sessions[c].keep(path, n)
+                t2 = time.perf_counter()
                 if rnd:  # round 0 warms every shape up
-                    times[(n, c)].append(time.perf_counter() - t0)
-                sessions[c].rollback(n)
+                    times[(n, c)].append(t1 - t0)
+                    host[(n, c)].append(t2 - t1)
+                sessions[c].truncate(c)
     points = []
     for (n, c), ts in times.items():
-        ts = sorted(ts)
+        ts, hs = sorted(ts), sorted(host[(n, c)])
         points.append({"n": n, "c": c, "ms_median": 1000 * ts[len(ts) // 2], "ms_min": 1000 * ts[0],
-                       "ms_max": 1000 * ts[-1]})
+                       "ms_max": 1000 * ts[-1], "host_ms_median": 1000 * hs[len(hs) // 2]})
     out.write_text(json.dumps({"model": target.name, "dtype": str(target.dtype), "device": str(target.device),
                                "repeats": repeats, "points": points}, indent=2))
     return out

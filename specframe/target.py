@@ -266,6 +266,12 @@ class TargetSession:
         if n:
             self.cache.crop(-n)
 
+    def truncate(self, length: int) -> None:
+        """Forget committed rows beyond the first ``length`` (e.g. after a timing probe that kept some)."""
+        if length < self.past:
+            self.cache.crop(length - self.past)  # negative = number of tokens to remove
+            self.past = length
+
     @torch.inference_mode()
     def keep(self, path: list[int], tree_size: int) -> None:
         """After :meth:`verify`, keep the cache rows of the accepted ``path`` (node indices, root

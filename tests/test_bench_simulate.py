@@ -220,3 +220,46 @@ def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_p
     for ds, (acc, steps) in live.items():
         assert summary["datasets"][ds]["best-first:8"]["tau"] == pytest.approx(acc / steps, abs=1e-12), ds
     assert built == ["ar", "best-first:8"]  # once per method, not once per method and dataset
+
+
+def test_profile_restores_the_cache_and_records_host_bookkeeping(target, tmp_path):
+    """The profile's bookkeeping probe (verify the logits, keep the path) leaves every session as it
+    found it: the same tree at the same context gives the same logits afterwards."""
+    from specframe.tree import Tree
+
+    measure_profile(target, [1, 4], [8], 2, tmp_path / "p.json")
+    points = json.loads((tmp_path / "p.json").read_text())["points"]
+    assert all(q["host_ms_median"] >= 0 for q in points) and {q["n"] for q in points} == {1, 4}
+    tree = Tree.from_lists([5, 6, 7, 8], [-1, 0, 1, 2])
+    session = target.start()
+    session.prefill([3] * 8)
+    before = session.verify(tree).logits
+    session.keep([0, 1, 2], 4)
+    assert session.past == 11
+    session.truncate(8)
+    assert session.past == 8
+    assert torch.equal(session.verify(tree).logits, before)
+
+
+def test_simulated_host_overhead_grows_with_the_tree(target, tmp_path):
+    """A profile's per-node bookkeeping column is charged per step on top of the traced overhead: with
+    1 ms per node, a method's overhead per step exceeds ar's by at least (mean tree size − 1) ms; a
+    profile without the column charges only the policy's own extra work (small, never negative)."""
+    prompts = [Prompt(str(i), "toy", text=p, chat=False) for i, p in enumerate(PROMPTS)]
+    record_trace(target, "ngram", prompts, 30, tmp_path / "trace.jsonl", log=lambda m: None)
+    grid = [(n, c) for n in (1, 2, 4, 8, 16, 32, 64) for c in (0, 1024)]
+    (tmp_path / "plain.json").write_text(json.dumps({"points": [
+        {"n": n, "c": c, "ms_median": 10.0 + 0.1 * n} for n, c in grid]}))
+    (tmp_path / "host.json").write_text(json.dumps({"points": [
+        {"n": n, "c": c, "ms_median": 10.0 + 0.1 * n, "host_ms_median": 1.0 * n} for n, c in grid]}))
+    kw = dict(overhead_s=0.002)
+    plain = simulate(tmp_path / "trace.jsonl", ["best-first:8"], str(tmp_path / "plain.json"), tmp_path / "a",
+                     target, **kw)["datasets"]["toy"]
+    host = simulate(tmp_path / "trace.jsonl", ["best-first:8"], str(tmp_path / "host.json"), tmp_path / "b",
+                    target, **kw)["datasets"]["toy"]
+    assert plain["ar"]["overhead_ms_per_step"] == pytest.approx(2.0)
+    assert 2.0 <= plain["best-first:8"]["overhead_ms_per_step"] < 3.0
+    grown = host["best-first:8"]["overhead_ms_per_step"] - host["ar"]["overhead_ms_per_step"]
+    assert grown >= host["best-first:8"]["mean_tree_size"] - 1 - 1e-9
+    assert host["best-first:8"]["speedup_vs_ar"] < plain["best-first:8"]["speedup_vs_ar"]
+    assert host["best-first:8"]["tau"] == plain["best-first:8"]["tau"]
