@@ -217,7 +217,7 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
               help="Latency table {points: [{n, c, ms_median}]} of the device to simulate.")
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
-@click.option("--overhead-ms", type=float, default=None, help="Per-step overhead (default: the trace's median).")
+@click.option("--overhead-ms", type=float, default=None, help="Host overhead per step at n = 1 (default: the trace's median); bigger trees add their measured host work.")
 @click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing).")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
               help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
@@ -273,6 +273,12 @@ def profile(ns, contexts, repeats, target, out_file):
 @click.option("--target", "-m", default=None, help="As for `run` (default: the embedded SmolLM2).")
 @click.option("--data", "data_files", default=None, help="Comma-separated self-distillation JSONL files ({prompt_ids, response_ids}); default: generate them.")
 @click.option("--num-prompts", type=int, default=2000, show_default=True, help="Prompts to generate answers for when --data is not given.")
+@click.option("--prompts", "prompt_sources", default="sharegpt", show_default=True,
+              help="Comma-separated prompt sources for generated data: sharegpt (its training split), python-stdlib "
+                   "(HumanEval-shaped code stubs from the standard library), or a .jsonl file; interleaved.")
+@click.option("--features", "feature_dirs", default=None,
+              help="Comma-separated feature caches to train on, in order (default: WORK/features); add another "
+                   "work dir's cache to train on more data, e.g. another domain.")
 @click.option("--work", "work_dir", default="runs/drafter", show_default=True, type=click.Path(file_okay=False), help="Work directory (data, feature cache, checkpoint, log); reruns resume.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Export the trained drafter here (published layout, bf16).")
 @click.option("--stage", type=click.Choice(["all", "data", "features", "train", "export"]), default="all", show_default=True)
@@ -289,7 +295,7 @@ def profile(ns, contexts, repeats, target, out_file):
 @click.option("--init-from", default=None, type=click.Path(file_okay=False), help="Start from this drafter's weights (a checkpoint or an exported drafter) with a fresh optimizer and schedule; its held-out rows stay held out.")
 @click.option("--time-budget", type=float, default=None, help="Minutes this invocation may run; it stops cleanly and a rerun resumes.")
 @click.pass_context
-def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage, max_rows, max_response, block_size,
+def train_drafter(ctx, target, data_files, num_prompts, prompt_sources, feature_dirs, work_dir, out_dir, stage, max_rows, max_response, block_size,
                   num_layers, target_layers, steps, batch_size, anchors, lr, draft_vocab, init_from, time_budget):
     """Train a DFlash block-diffusion drafter for a target by self-distillation (resumable)."""
     import time as _time
@@ -304,6 +310,12 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
     if draft_vocab < 0:
         raise SpecframeError(f"--draft-vocab must be 0 (whole vocabulary) or a positive token count, got {draft_vocab}")
     work = Path(work_dir)
+    caches = [Path(d) for d in feature_dirs.split(",") if d] if feature_dirs else [work / "features"]
+    if feature_dirs and stage in ("all", "train"):  # WORK/features itself is made by stage all
+        made = work / "features" if stage == "all" else None
+        missing = [str(d) for d in caches if not (d / "meta.json").is_file() and d != made]
+        if missing:
+            raise SpecframeError(f"no feature cache at {', '.join(missing)} (run --stage features there first)")
     work.mkdir(parents=True, exist_ok=True)
     log_file = open(work / "train.log", "a")
 
@@ -322,7 +334,8 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
     log(f"train-drafter: target {tgt.name}, work {work}, stage {stage}, config {cfg}")
     files = [f for f in (data_files or "").split(",") if f]
     if stage in ("all", "data") and not files:
-        files = [str(generate_data(tgt, work / "data.jsonl", num_prompts, 256, log))]
+        sources = tuple(x for x in prompt_sources.split(",") if x)
+        files = [str(generate_data(tgt, work / "data.jsonl", num_prompts, max_response, log, sources=sources))]
     if stage in ("all", "features"):
         if not files:
             files = [str(work / "data.jsonl")]
@@ -330,7 +343,7 @@ def train_drafter(ctx, target, data_files, num_prompts, work_dir, out_dir, stage
         log(f"features: {len(rows)} usable rows from {', '.join(files)}")
         FeatureStore(work / "features").extract(tgt, rows, tuple(layers), log=log, deadline=deadline)
     if stage in ("all", "train"):
-        ckpt = train(tgt, FeatureStore(work / "features"), work, cfg, log=log, deadline=deadline)
+        ckpt = train(tgt, [FeatureStore(d) for d in caches], work, cfg, log=log, deadline=deadline)
         log(f"train: checkpoint at {ckpt}")
     if stage in ("all", "export") and out_dir:
         log(f"export: {export(work / 'checkpoint', Path(out_dir))}")

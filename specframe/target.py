@@ -190,6 +190,36 @@ class Target:
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids):].tolist()
 
+    @torch.inference_mode()
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of several prompts in one left-padded batch, each cut after its first EOS.
+        Fast for making training data; padding can flip a near-tie, so where exact greedy output matters
+        use ``SpecGenerator`` instead."""
+        pad = (self.eos_token_ids or (0,))[0]
+        width, rows = max(len(p) for p in prompts), len(prompts)
+        x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # (R, W)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, W) each row's positions start at 0
+        cache = self.make_cache()
+        out = torch.empty(rows, 0, dtype=torch.long, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(self.eos_token_ids or (-1,), device=self.device)
+        for _ in range(max_new_tokens):
+            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                                logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]  # (R, V)
+            nxt = logits.argmax(-1).masked_fill(done, pad)  # (R,)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            x, pos = nxt[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=self.device)], dim=1)
+        answers = []
+        for row in out.tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), len(row))
+            answers.append(row[:cut])
+        return answers
+
     def make_cache(self):
         from transformers import DynamicCache
 

@@ -58,31 +58,44 @@ def read_rows(paths: list[str], max_response: int, max_rows: int | None = None) 
     return rows[:max_rows] if max_rows else rows
 
 
-def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: int, log) -> Path:
-    """Self-distillation data for any target: its greedy answers to training-split ShareGPT prompts."""
-    from .datasets import first_human_turn, sharegpt_records, usable_prompt
-    from .engine import SpecGenerator
+def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: int, log,
+                  sources: tuple[str, ...] = ("sharegpt",), batch_size: int = 32) -> Path:
+    """Self-distillation data for any target: its greedy answers to training prompts from ``sources``
+    (:func:`specframe.datasets.training_prompts`; never an evaluation prompt). Answers are made in
+    length-sorted batches; a rerun appends to ``out`` and skips the prompts it already holds."""
+    from .datasets import encode, training_prompts
 
-    done = set()
+    done: set[str] = set()
     if out.is_file():
-        done = {json.loads(line)["sharegpt_index"] for line in out.read_text().splitlines() if line.strip()}
-    gen = SpecGenerator(target, "best-first")  # lossless: the answers are the target's own greedy output
+        for line in out.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done.add(row.get("id") or f"sharegpt-{row['sharegpt_index']}")
+    todo = []
+    for p in training_prompts(list(sources), limit=num_prompts):
+        if len(done) + len(todo) >= num_prompts:
+            break
+        if p.id not in done:
+            ids = encode(p, target)
+            if len(ids) <= MAX_PROMPT_TOKENS:
+                todo.append((p, ids))
+    t0, made = time.perf_counter(), 0
     with open(out, "a") as fh:
-        for index, record in sharegpt_records():
-            if len(done) >= num_prompts:
-                break
-            text = first_human_turn(record)
-            if index % 10 == 0 or index in done or not usable_prompt(text):
-                continue
-            ids = target.encode(text)
-            if len(ids) > MAX_PROMPT_TOKENS:
-                continue
-            res = gen.generate(ids, max_new_tokens)
-            fh.write(json.dumps({"sharegpt_index": index, "prompt_ids": ids, "response_ids": res.token_ids,
-                                 "finished": bool(res.token_ids and res.token_ids[-1] in target.eos_token_ids)}) + "\n")
-            fh.flush()
-            done.add(index)
-            log(f"data: {len(done)}/{num_prompts} prompts")
+        for s in range(0, len(todo), batch_size * 8):  # sort within windows: little padding, steady progress
+            window = sorted(todo[s : s + batch_size * 8], key=lambda item: len(item[1]))
+            for b in range(0, len(window), batch_size):
+                chunk = window[b : b + batch_size]
+                answers = target.greedy_batch([ids for _, ids in chunk], max_new_tokens)
+                for (p, ids), ans in zip(chunk, answers):
+                    row = {"source": p.dataset, "id": p.id, "prompt_ids": ids, "response_ids": ans,
+                           "finished": bool(ans and ans[-1] in target.eos_token_ids)}
+                    if "index" in p.meta:
+                        row["sharegpt_index"] = p.meta["index"]
+                    fh.write(json.dumps(row) + "\n")
+                    made += len(ans)
+                fh.flush()
+                done.update(p.id for p, _ in chunk)
+                log(f"data: {len(done)}/{num_prompts} prompts ({made / (time.perf_counter() - t0):.0f} answer tok/s)")
     return out
 
 
@@ -371,12 +384,15 @@ def _start(target: Target, cfg: TrainConfig, ckpt: Path | None, log):
     return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay), 0, []
 
 
-def train(target: Target, store: FeatureStore, work: Path, cfg: TrainConfig, log=print,
+def train(target: Target, stores: FeatureStore | list[FeatureStore], work: Path, cfg: TrainConfig, log=print,
           deadline: float | None = None, progress=None) -> Path:
-    """Train (or resume) a drafter on the cached features; returns the checkpoint directory."""
-    seqs = store.sequences()
+    """Train (or resume) a drafter on the cached features of one or more stores (their sequences in
+    order: a store added later only adds training rows); returns the checkpoint directory."""
+    stores = [stores] if isinstance(stores, FeatureStore) else list(stores)
+    seqs = [seq for store in stores for seq in store.sequences()]
     if len(seqs) < 2:
-        raise SpecframeError(f"feature cache {store.root} holds {len(seqs)} sequences; extract features first")
+        where = ", ".join(str(store.root) for store in stores)
+        raise SpecframeError(f"feature cache {where} holds {len(seqs)} sequences; extract features first")
     ckpt = work / "checkpoint"
     meta = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
     prior = meta if meta is not None or not cfg.init_from else _training_record(Path(cfg.init_from))
