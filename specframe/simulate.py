@@ -161,7 +161,7 @@ class SimResult:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
-def replay(row: dict, comps, cost, overhead: "Overhead", ar: bool = False, draft_s: float | None = None,
+def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s: float | None = None,
            gate: DraftGate | None = None) -> SimResult:
     """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``,
     host overhead from ``overhead`` (given the policy's own work, timed here). ``gate``: the policy's
@@ -223,7 +223,7 @@ class Overhead:
 
     def __init__(self, base: float, host: Callable[[int], float] | None):
         self.base, self.host = base, host
-        self.reference = None  # ar's mean replay host time per step; None while replaying ar itself
+        self.reference = None  # ar's median replay host time per step; None while replaying ar itself
         self._ar_host: list[float] = []
 
     def step(self, n: int, host_s: float) -> float:
@@ -364,7 +364,7 @@ def render(summary: dict, rows: list[dict]) -> str:
              f"`{Path(summary['profile']).name}`; draft time per step is "
              + ("the one measured while tracing" if summary.get("draft_s") is None else f"{1000 * summary['draft_s']:.1f} ms (given)")
              + f"; host overhead {1000 * summary['overhead_s']:.1f} ms per step at n = 1 (traced), plus the policy's "
-             "own expansion work beyond `ar`'s (timed while replaying)"
+             "own expansion work beyond `ar`'s (timed while replaying, on the machine that ran the simulation)"
              + (" and the target-side bookkeeping per tree node (profile)" if summary.get("host_per_node") else "")
              + ".", "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0]['drafter']}`, {sum(len(r['output']) for r in rows)} tokens", ""]
