@@ -134,9 +134,8 @@ class AdaptiveBestFirst(ExpansionPolicy):
     """BASTION's expansion: best-first by P(v), sized to maximise expected tokens per second.
 
     With S = Σ P over the tree so far (root included, P(root) = 1), D = predicted draft + overhead
-    seconds and C(n) the cost model's verify time for n tree tokens plus the host's time for n nodes
-    (``ctx.node_seconds`` each), adding the next node (P = p) raises (S) / (D + C(n)) iff
-    p·(D + C(n)) > S·(C(n+1) − C(n)).  The policy keeps popping while that holds and,
+    seconds and C(n) the cost model's verify time for n tree tokens, adding the next node (P = p) raises
+    (S) / (D + C(n)) iff  p·(D + C(n)) > S·(C(n+1) − C(n)).  The policy keeps popping while that holds and,
     to step over bumps in a measured cost curve, looks ``patience`` nodes further; it keeps the prefix of
     the best-first order with the highest S / (D + C(n)). With a convex cost (a roofline) the first stop is
     already optimal. Hard bounds: ``max_nodes`` and the drafter's depth.
@@ -159,12 +158,12 @@ class AdaptiveBestFirst(ExpansionPolicy):
         out = TreeBuilder(ctx.root_token)
         limit = min(self.max_nodes, ctx.max_nodes)
         frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
-        cost, c, d, h = ctx.cost_model, ctx.context_len, ctx.draft_seconds, ctx.node_seconds
-        s, c_now = 1.0, cost.predict(1, c) + h
+        cost, c, d = ctx.cost_model, ctx.context_len, ctx.draft_seconds
+        s, c_now = 1.0, cost.predict(1, c)
         best_rate, best_size, since_best = s / (d + c_now), 1, 0
         while frontier and out.drafted < limit:
             p = frontier.best_score()
-            c_next = cost.predict(len(out) + 1, c) + h * (len(out) + 1)
+            c_next = cost.predict(len(out) + 1, c)
             gain = p * (d + c_now) > s * (c_next - c_now)
             if not gain and len(out) > self.min_nodes:
                 since_best += 1

@@ -176,8 +176,7 @@ class ExpansionContext:
     max_depth: int  # hard bound on depth
     surrogate: AcceptanceSurrogate
     cost_model: CostModel
-    draft_seconds: float = 0.0  # predicted seconds of a drafted step besides the forward that do not grow with the tree
-    node_seconds: float = 0.0  # predicted host seconds per tree node (building, verifying, keeping it)
+    draft_seconds: float = 0.0  # predicted draft + overhead seconds per step
 
     def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
         """The surrogate's P(child), checked to lie in [0, 1] (a broken surrogate is named, not hidden)."""

@@ -204,38 +204,6 @@ def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict, 
     return out
 
 
-class StepOverhead:
-    """What a drafted step costs besides the forward, split by tree size: ``fixed`` + ``per_node``·n
-    seconds (drafting and per-step work; building, verifying and keeping each node). ``per_node`` is the
-    slope of an exponentially weighted least-squares fit over recent drafted steps, and at least the
-    measured expansion time per node (so it is known even while every tree has the same size);
-    ``fixed`` is the rest of the mean."""
-
-    def __init__(self, decay: float = 0.9):
-        self.decay = decay
-        self.w = self.n = self.y = self.nn = self.ny = 0.0  # weighted sums of 1, n, seconds, n², n·seconds
-        self.expand_per_node = 0.0  # weighted mean of expansion seconds / n
-
-    def observe(self, n: int, seconds: float, expand_seconds: float = 0.0) -> None:
-        d = self.decay
-        self.expand_per_node = (d * self.w * self.expand_per_node + expand_seconds / max(n, 1)) / (d * self.w + 1.0)
-        self.w, self.n, self.y = d * self.w + 1.0, d * self.n + n, d * self.y + seconds
-        self.nn, self.ny = d * self.nn + n * n, d * self.ny + n * seconds
-
-    @property
-    def per_node(self) -> float:
-        if not self.w:
-            return 0.0
-        mean_n = self.n / self.w
-        var = self.nn / self.w - mean_n * mean_n
-        slope = (self.ny / self.w - mean_n * self.y / self.w) / var if var >= 1.0 else 0.0
-        return max(slope, self.expand_per_node)
-
-    @property
-    def fixed(self) -> float:
-        return max(0.0, (self.y - self.per_node * self.n) / self.w) if self.w else 0.0
-
-
 class SpecGenerator:
     """Speculative generation with one target and one policy. Build once, call :meth:`generate` often.
 
@@ -266,7 +234,7 @@ class SpecGenerator:
         hook = self.registry.pm.hook
         self._step_observers = hook.on_step_end.get_hookimpls()
         self._run_observers = hook.on_run_end.get_hookimpls()
-        self._overhead = StepOverhead()  # D of BASTION's stopping rule, and its per-node part
+        self._draft_ema = 0.0
         self._calibrated = False
         gated = getattr(self.components.expansion, "gates_drafting", False)
         self.gate = DraftGate() if gated and not getattr(self.components.drafter, "gates_sources", False) else None
@@ -468,8 +436,7 @@ class _Run:
         t0 = time.perf_counter()
         draft = self.propose(context, max_depth) if drafting else EmptyDraft()
         t1 = time.perf_counter()
-        over = self.gen._overhead
-        ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, over.fixed, over.per_node)
+        ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model, self.gen._draft_ema)
         built = self.expand(draft, ctx)
         tree = built.tree
         predicted = self.predict_cost(tree.size, past)
@@ -504,7 +471,8 @@ class _Run:
             drafted=drafting,
         )
         if drafting:  # D of the stopping rule: what a drafted step costs besides verification
-            self.gen._overhead.observe(tree.size, record.draft_s + record.overhead_s, t2 - t1)
+            spent = record.draft_s + record.overhead_s
+            self.gen._draft_ema = 0.8 * self.gen._draft_ema + 0.2 * spent if self.gen._draft_ema else spent
         if gate is not None:
             gate.record(drafting, len(committed), t4 - t0, record.draft_s)
         self.stats.records.append(record)

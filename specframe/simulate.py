@@ -29,7 +29,7 @@ from .components import (
     MarginalDraft,
     TrieDraft,
 )
-from .engine import SpecGenerator, StepOverhead, resolve_components
+from .engine import SpecGenerator, resolve_components
 from .errors import SpecframeError
 from .gate import DraftGate
 from .registry import Registry
@@ -169,7 +169,7 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
-    step_overhead = StepOverhead()  # as the engine learns D and its per-node part
+    draft_ema = 0.0
     while pos < len(out):
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
@@ -177,11 +177,10 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         drafting = not ar and (gate is None or gate.want())
         draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
-        ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model,
-                               step_overhead.fixed, step_overhead.per_node)
+        ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
         t0 = time.perf_counter()
         built = comps.expansion.expand(draft, ctx)
-        host_s = expand_s = time.perf_counter() - t0
+        host_s = time.perf_counter() - t0
         tree = built.tree
         kids = tree.children()
         tokens = tree.tokens.tolist()
@@ -203,7 +202,7 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
-            step_overhead.observe(tree.size, spent, expand_s)
+            draft_ema = spent if not draft_ema else 0.8 * draft_ema + 0.2 * spent
         if gate is not None:
             gate.record(drafting, committed, seconds + spent, drafted_s)
         res.seconds += seconds + spent

@@ -170,40 +170,6 @@ def test_full_patience_finds_global_optimum_for_any_cost(problem, curve, d_s, ma
     assert all(v < obj[size - 1] * (1 + 1e-12) for v in obj[: size - 1])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problem=marginal_problems(), curve=cost_curves(CONVEX + NONCONVEX), d_s=st.floats(0.0, 3.0),
-       h=st.floats(0.0, 0.2), patience=st.sampled_from([0, 16]))
-def test_per_node_host_time_counts_as_part_of_the_cost(problem, curve, d_s, h, patience):
-    """node_seconds h is the host's time per tree node: the tree equals the one built for the cost curve
-    C(n) + h·n with no per-node term."""
-    probs, tokens = problem
-    _, fn = curve
-    with_h = ctx_for(CurveCost(fn), draft_s=d_s)
-    with_h.node_seconds = h
-    folded = ctx_for(CurveCost(lambda n: fn(n) + h * n), draft_s=d_s)
-    a = AdaptiveBestFirst(patience=patience).expand(marginal(probs, tokens), with_h)
-    b = AdaptiveBestFirst(patience=patience).expand(marginal(probs, tokens), folded)
-    assert a.tree.tokens.tolist() == b.tree.tokens.tolist() and a.tree.parents.tolist() == b.tree.parents.tolist()
-
-
-def test_step_overhead_splits_fixed_and_per_node_time():
-    from specframe.engine import StepOverhead
-
-    over = StepOverhead()
-    for n in [1, 5, 9, 2, 17, 33, 4, 8] * 3:
-        over.observe(n, 0.020 + 0.0005 * n)
-    assert over.per_node == pytest.approx(0.0005) and over.fixed == pytest.approx(0.020)
-    flat = StepOverhead()
-    for seconds in (0.010, 0.012, 0.011):
-        flat.observe(8, seconds)  # one tree size: no slope to see, all of it is fixed
-    assert flat.per_node == 0.0 and 0.010 < flat.fixed < 0.012
-    assert StepOverhead().fixed == StepOverhead().per_node == 0.0
-    same = StepOverhead()  # every tree the same size: the slope is unseen, the expansion time per node is not
-    for _ in range(5):
-        same.observe(64, 0.030, expand_seconds=0.0064)
-    assert same.per_node == pytest.approx(0.0001) and same.fixed == pytest.approx(0.030 - 0.0064)
-
-
 def test_patience_steps_over_a_bump_in_the_cost_curve():
     """A confident chain and a cost that jumps once then stays flat: the first stop is a local optimum;
     patience looks past the jump to the much better big tree."""
