@@ -119,10 +119,12 @@ def usable_prompt(text: str | None) -> bool:
     return sum(ch.isascii() for ch in text) >= 0.95 * len(text)
 
 
-def sharegpt_heldout(limit: int | None = None) -> list[Prompt]:
+def _sharegpt_prompts(held_out: bool, limit: int | None) -> list[Prompt]:
+    """Usable first user turns of the ShareGPT records of one split: the held-out evaluation slice
+    (index % 10 == 0) or the training rest."""
     out = []
     for index, record in sharegpt_records():
-        if index % 10:
+        if (index % 10 == 0) != held_out:
             continue
         text = first_human_turn(record)
         if usable_prompt(text):
@@ -130,6 +132,10 @@ def sharegpt_heldout(limit: int | None = None) -> list[Prompt]:
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+def sharegpt_heldout(limit: int | None = None) -> list[Prompt]:
+    return _sharegpt_prompts(held_out=True, limit=limit)
 
 
 def jsonl(path: str) -> list[Prompt]:
@@ -176,14 +182,7 @@ def load(name: str, limit: int | None = None) -> list[Prompt]:
 # ---------------------------------------------------------------------- drafter training prompts
 def sharegpt_training(limit: int | None = None) -> list[Prompt]:
     """First user turns of the ShareGPT records the evaluation never uses (index % 10 != 0)."""
-    out = []
-    for index, record in sharegpt_records():
-        text = first_human_turn(record)
-        if index % 10 and usable_prompt(text):
-            out.append(Prompt(f"sharegpt-{index}", "sharegpt", text=text, meta={"index": index}))
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+    return _sharegpt_prompts(held_out=False, limit=limit)
 
 
 def _stub(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef, header: str) -> str | None:
