@@ -23,7 +23,7 @@ import torch
 from specframe import hookimpl
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft
 from specframe.errors import SpecframeError
-from specframe.gate import DraftGate
+from specframe.gate import SourceGates
 
 
 class MergedDraft(Draft):
@@ -84,11 +84,9 @@ class HybridDrafter(Drafter):
             for src in self.sources
         ]
         self.max_depth = max(src.max_depth for src in self.sources)
-        self.gates = [DraftGate() for _ in self.sources] if gate else None
+        self.gates = SourceGates(len(self.sources)) if gate else None
         self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
         self._draft_s: list[float] = []
-        self._mean_draft_s = [0.0] * len(self.sources)  # per source, over all steps (0 when skipped)
-        self._steps = 0
         self._mark = time.perf_counter()
 
     @property
@@ -118,27 +116,20 @@ class HybridDrafter(Drafter):
             src.commit(tokens, self._feats(i, features))
         now = time.perf_counter()
         if self.gates is not None and self._ran is not None:  # a step's outcome: committed = root + accepted
-            self._record(len(tokens), now - self._mark)
+            self.gates.record(self._ran, self._draft_s, len(tokens), now - self._mark)
         self._ran, self._mark = None, now
 
-    def _record(self, committed: int, step_s: float) -> None:
-        """Feed each source's gate the step, charging the *other* sources their mean draft time instead of
-        this step's: whether another source happened to run must not count for or against this one."""
-        for i, spent in enumerate(self._draft_s):
-            self._mean_draft_s[i] = spent if self._steps == 0 else 0.9 * self._mean_draft_s[i] + 0.1 * spent
-        self._steps += 1
-        others_now, others_mean = sum(self._draft_s), sum(self._mean_draft_s)
-        for i, (gate, ran, spent) in enumerate(zip(self.gates, self._ran, self._draft_s)):
-            step_i = step_s - (others_now - spent) + (others_mean - self._mean_draft_s[i])
-            gate.record(ran, committed, max(step_i, spent, 1e-9), spent)
+    @property
+    def source_seconds(self) -> list[float]:
+        """Draft seconds of each source in the last proposal (0 for a source its gate skipped)."""
+        return list(self._draft_s)
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
-        raw, self._ran, self._draft_s = [], [], []
-        for i, src in enumerate(self.sources):
-            run = self.gates is None or self.gates[i].want()
+        raw, self._draft_s = [], []
+        self._ran = self.gates.want() if self.gates is not None else [True] * len(self.sources)
+        for src, run in zip(self.sources, self._ran):
             t0 = time.perf_counter()
             raw.append(src.propose(context_ids, max_depth) if run else EmptyDraft())
-            self._ran.append(run)
             self._draft_s.append(time.perf_counter() - t0)
         if all(isinstance(d, EmptyDraft) for d in raw):
             return EmptyDraft()

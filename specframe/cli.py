@@ -218,7 +218,7 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
 @click.option("--overhead-ms", type=float, default=None, help="Host overhead per step at n = 1 (default: the trace's median); bigger trees add their measured host work.")
-@click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing).")
+@click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing); for a hybrid trace, the time of a step where every source runs, split in the traced proportions.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
               help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))

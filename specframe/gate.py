@@ -85,3 +85,36 @@ class DraftGate:
             "steps_without": self.trials[False],
             "draft_share": round(self.share, 4),
         }
+
+
+class SourceGates:
+    """One :class:`DraftGate` per source of a composite drafter (e.g. ``hybrid``): each source runs only
+    while it pays for its own time. Each gate sees a finished step with the *other* sources' draft time
+    replaced by their running means, so whether another source happened to run does not count for or
+    against this one. Used by the hybrid drafter live and by the simulator's replay alike."""
+
+    def __init__(self, count: int, **gate_args):
+        self.gates = [DraftGate(**gate_args) for _ in range(count)]
+        self._mean_s = [0.0] * count  # per source, mean draft seconds over all steps (0 when skipped)
+        self._steps = 0
+
+    def __iter__(self):
+        return iter(self.gates)
+
+    def __len__(self) -> int:
+        return len(self.gates)
+
+    def want(self) -> list[bool]:
+        """Which sources run this step."""
+        return [gate.want() for gate in self.gates]
+
+    def record(self, ran: list[bool], draft_s: list[float], committed: int, step_s: float) -> None:
+        """One finished step: which sources ran, each one's draft seconds (0 if it did not run), the
+        tokens committed and the whole step's seconds."""
+        for i, spent in enumerate(draft_s):
+            self._mean_s[i] = spent if self._steps == 0 else 0.9 * self._mean_s[i] + 0.1 * spent
+        self._steps += 1
+        others_now, others_mean = sum(draft_s), sum(self._mean_s)
+        for i, (gate, r, spent) in enumerate(zip(self.gates, ran, draft_s)):
+            step_i = step_s - (others_now - spent) + (others_mean - self._mean_s[i])
+            gate.record(r, committed, max(step_i, spent, 1e-9), spent)

@@ -31,7 +31,7 @@ from .components import (
 )
 from .engine import SpecGenerator, resolve_components
 from .errors import SpecframeError
-from .gate import DraftGate
+from .gate import DraftGate, SourceGates
 from .registry import Registry
 from .target import Target
 
@@ -112,7 +112,11 @@ class _Recorder(Drafter):
     def propose(self, context_ids, max_depth):
         t0 = time.perf_counter()
         draft = self.inner.propose(context_ids, max_depth)  # the same bound a live step at this position gets
-        self.steps.append({"draft": serialize_draft(draft), "draft_s": time.perf_counter() - t0})
+        step = {"draft": serialize_draft(draft), "draft_s": time.perf_counter() - t0}
+        parts = getattr(self.inner, "source_seconds", None)  # a composite drafter: each source's seconds
+        if parts is not None:
+            step["draft_s_parts"] = parts
+        self.steps.append(step)
         return EmptyDraft()  # the recording run itself decodes plainly
 
 
@@ -174,8 +178,13 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
         step = row["steps"][pos]
-        drafting = not ar and (gate is None or gate.want())
-        draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
+        if isinstance(gate, SourceGates):  # a composite drafter gating its sources, as it does live
+            drafting = True
+            ran = gate.want()
+            draft, part_s = _gated_sources(step, ran, draft_s)
+        else:
+            drafting = not ar and (gate is None or gate.want())
+            draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
         t0 = time.perf_counter()
@@ -198,12 +207,17 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         comps.surrogate.observe(tree, path, built.scores)
         comps.cost_model.observe(tree.size, context, seconds)
         host_s += time.perf_counter() - t0
-        drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
+        if isinstance(gate, SourceGates):
+            drafted_s = sum(part_s)
+        else:
+            drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
             draft_ema = spent if not draft_ema else 0.8 * draft_ema + 0.2 * spent
-        if gate is not None:
+        if isinstance(gate, SourceGates):
+            gate.record(ran, part_s, committed, seconds + spent)
+        elif gate is not None:
             gate.record(drafting, committed, seconds + spent, drafted_s)
         res.seconds += seconds + spent
         res.tokens += committed
@@ -212,6 +226,40 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         res.sizes.append(tree.size)
         pos += committed
     return res
+
+
+def _gated_sources(step: dict, ran: list[bool], draft_s: float | None) -> tuple[Draft, list[float]]:
+    """A composite drafter's step with only the sources in ``ran``: their merged draft and each source's
+    draft seconds (0 for one that did not run). ``draft_s`` (the simulated device's draft time of a step
+    where every source runs) is split in the traced proportions."""
+    parts_s = step.get("draft_s_parts")
+    if parts_s is None or len(parts_s) != len(ran):
+        raise SpecframeError("this trace has no per-source draft times; record it again with `specframe trace`")
+    if draft_s is not None:
+        total = sum(parts_s)
+        parts_s = [draft_s * t / total if total > 0 else draft_s / len(parts_s) for t in parts_s]
+    part_s = [t if r else 0.0 for t, r in zip(parts_s, ran)]
+    data = step["draft"]
+    if data["kind"] != "merged":  # no source had anything to propose
+        return EmptyDraft(), part_s
+    from specframe.plugins.hybrid import MergedDraft
+
+    parts = [deserialize_draft(p) if r else EmptyDraft() for p, r in zip(data["parts"], ran)]
+    if all(isinstance(p, EmptyDraft) for p in parts):
+        return EmptyDraft(), part_s
+    return MergedDraft(parts), part_s
+
+
+def _gate_for(expansion, rows: list[dict]):
+    """The draft gate a policy runs with: none; one for the whole drafter (the engine's); or, for a trace
+    of a composite drafter with per-source draft times, one per source (as the hybrid drafter gates its
+    own sources live)."""
+    if not getattr(expansion, "gates_drafting", False):
+        return None
+    first = rows[0]["steps"][0] if rows and rows[0]["steps"] else {}
+    if "draft_s_parts" in first:
+        return SourceGates(len(first["draft_s_parts"]))
+    return DraftGate()
 
 
 class Overhead:
@@ -280,7 +328,7 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         # one set of components per method over the whole trace, in its order — as `bench` keeps one
         # generator per method over all prompts — so the learned surrogate carries across datasets alike
         comps = _sim_components(registry, target_config_target, label, cost, rows[0])
-        gate = DraftGate() if getattr(comps.expansion, "gates_drafting", False) else None
+        gate = _gate_for(comps.expansion, rows)
         totals = {ds: SimResult() for ds in datasets_in_order}
         for r in rows:
             totals[r["dataset"]].add(replay(r, comps, cost, overhead, ar=label == "ar", draft_s=draft_s, gate=gate))

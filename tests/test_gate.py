@@ -190,3 +190,36 @@ def test_roofline_models_a_fast_single_token_path(single_token):
         else:  # one roofline for every n cannot hold both the single-token time and the flat n >= 2 part
             worst = max(abs(roof.predict(n, c) / machine(n, c) - 1) for n in (1, 2, 4, 8, 16))
             assert worst > 0.2
+
+
+# ---------------------------------------------------------------------- 5. per source in the simulator
+def test_simulator_gates_each_source_of_a_hybrid_trace_as_the_hybrid_does_live(tiny_target, reference, tmp_path):
+    """A hybrid trace keeps each source's draft seconds; replaying BASTION over it skips only the slow
+    useless source (keeping the fast good one), where one gate over the whole draft would fall back to ar."""
+    import json
+
+    from specframe.datasets import Prompt
+    from specframe.simulate import record_trace, simulate
+
+    registry = Registry(make_plugin_set(allow=set(), extra=[SourcesPlugin(reference)]))
+    hybrid = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
+    prompt = Prompt("p", "toy", text=" ".join(map(str, PROMPT)), chat=False)
+    trace = tmp_path / "trace.jsonl"
+    record_trace(tiny_target, hybrid, [prompt] * 2, 150, trace, registry=registry, log=lambda m: None)
+    steps = [s for line in trace.read_text().splitlines() for s in json.loads(line)["steps"]]
+    assert all(len(s["draft_s_parts"]) == 2 and s["draft_s_parts"][1] > 0.015 > s["draft_s_parts"][0] for s in steps)
+    (tmp_path / "flat.json").write_text(json.dumps({"points": [
+        {"n": n, "c": c, "ms_median": 10.0 + 0.01 * n} for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (0, 1024)]}))
+    res = simulate(trace, ["bastion", "best-first:8"], str(tmp_path / "flat.json"), tmp_path / "sim", tiny_target,
+                   registry)["datasets"]["toy"]
+    # best-first pays the 20 ms source on every step (a 10 ms forward); BASTION drops it, keeps the oracle
+    assert res["bastion"]["tau"] > 2.0 and res["bastion"]["speedup_vs_ar"] > 1.4 * res["best-first:8"]["speedup_vs_ar"], res
+    # a trace without per-source times gets one gate over the whole draft: keep both sources or neither
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    for r in rows:
+        for s in r["steps"]:
+            del s["draft_s_parts"]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = simulate(trace, ["bastion"], str(tmp_path / "flat.json"), tmp_path / "sim2", tiny_target,
+                     registry)["datasets"]["toy"]["bastion"]
+    assert whole["speedup_vs_ar"] < res["bastion"]["speedup_vs_ar"]
