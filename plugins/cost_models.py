@@ -144,6 +144,8 @@ class Roofline(CostModel):
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0
         self.obs: deque = deque(maxlen=int(window))
         self.single_token = bool(single_token)
+        # max of two lines in n is convex; a single-token path below them breaks that only at n = 1 → 2
+        self.convex_from = 2 if self.single_token else 1
         self.single: deque = deque(maxlen=32)  # recent (seconds, context) timings at n = 1
         self.single_ratio: float | None = None
         self.refit_every, self.half_life = int(refit_every), float(half_life)

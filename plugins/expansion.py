@@ -134,11 +134,14 @@ class AdaptiveBestFirst(ExpansionPolicy):
     """BASTION's expansion: best-first by P(v), sized to maximise expected tokens per second.
 
     With S = Σ P over the tree so far (root included, P(root) = 1), D = predicted draft + overhead
-    seconds and C(n) the cost model's verify time for n tree tokens, adding the next node (P = p) raises
+    seconds and C(n) the cost model's verify time for n tree tokens plus the host's time for n nodes
+    (``ctx.node_seconds`` each, measured by the engine), adding the next node (P = p) raises
     (S) / (D + C(n)) iff  p·(D + C(n)) > S·(C(n+1) − C(n)).  The policy keeps popping while that holds and,
     to step over bumps in a measured cost curve, looks ``patience`` nodes further; it keeps the prefix of
-    the best-first order with the highest S / (D + C(n)). With a convex cost (a roofline) the first stop is
-    already optimal. Hard bounds: ``max_nodes`` and the drafter's depth.
+    the best-first order with the highest S / (D + C(n)). Where the cost model declares its curve convex
+    (``convex_from``; a roofline beyond its single-token path) the first stop is already optimal — S grows
+    by ever smaller steps while D + C(n) grows by ever larger ones — so the look-ahead is skipped there.
+    Hard bounds: ``max_nodes`` and the drafter's depth.
 
     With ``gate=True`` (default) the size may also be zero before drafting: the engine's
     :class:`~specframe.gate.DraftGate` skips the drafter on steps where drafting has measurably not been
@@ -158,16 +161,17 @@ class AdaptiveBestFirst(ExpansionPolicy):
         out = TreeBuilder(ctx.root_token)
         limit = min(self.max_nodes, ctx.max_nodes)
         frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
-        cost, c, d = ctx.cost_model, ctx.context_len, ctx.draft_seconds
-        s, c_now = 1.0, cost.predict(1, c)
+        cost, c, d, h = ctx.cost_model, ctx.context_len, ctx.draft_seconds, ctx.node_seconds
+        convex_from = getattr(cost, "convex_from", None)
+        s, c_now = 1.0, cost.predict(1, c) + h
         best_rate, best_size, since_best = s / (d + c_now), 1, 0
         while frontier and out.drafted < limit:
             p = frontier.best_score()
-            c_next = cost.predict(len(out) + 1, c)
+            c_next = cost.predict(len(out) + 1, c) + h * (len(out) + 1)
             gain = p * (d + c_now) > s * (c_next - c_now)
             if not gain and len(out) > self.min_nodes:
                 since_best += 1
-                if since_best > self.patience:
+                if since_best > self.patience or (convex_from is not None and len(out) >= convex_from):
                     break
             frontier.take(out)
             s, c_now = s + p, c_next

@@ -153,6 +153,10 @@ class CostModel:
     """Predicts verification latency in seconds."""
 
     name = "cost-model"
+    #: The n from which the predicted cost is convex in n (C(n+1) − C(n) never decreases), or None when
+    #: unknown (a measured table can have bumps). Expansion policies that stop at the first n where one
+    #: more node stops paying can trust that stop from here on instead of looking further.
+    convex_from: int | None = None
 
     def predict(self, n: int, context: int) -> float:
         """Seconds to verify ``n`` tree tokens on top of ``context`` cached tokens."""
@@ -176,7 +180,8 @@ class ExpansionContext:
     max_depth: int  # hard bound on depth
     surrogate: AcceptanceSurrogate
     cost_model: CostModel
-    draft_seconds: float = 0.0  # predicted draft + overhead seconds per step
+    draft_seconds: float = 0.0  # predicted seconds of a drafted step besides the forward that do not grow with the tree
+    node_seconds: float = 0.0  # predicted host seconds per tree node (building, verifying and keeping it)
 
     def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
         """The surrogate's P(child), checked to lie in [0, 1] (a broken surrogate is named, not hidden)."""

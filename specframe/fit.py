@@ -17,3 +17,36 @@ def isotonic(y, w=None) -> np.ndarray:
             m1, w1, n1 = blocks.pop()
             blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
     return np.concatenate([[m] * n for m, _, n in blocks]) if blocks else y
+
+
+class HostCost:
+    """Host seconds of a step besides drafting and the forward — building, verifying and keeping the tree,
+    the observers — as ``fixed + per_node · n``: an exponentially weighted least-squares line through the
+    recent steps' measured seconds against their tree sizes. The slope is never negative, and while the
+    recent sizes hardly vary (nothing to fit a slope on) the last identified slope is kept."""
+
+    def __init__(self, decay: float = 0.95, min_variance: float = 1.0):
+        self.decay, self.min_variance = decay, min_variance
+        self.w = self.sn = self.sy = self.snn = self.sny = 0.0  # weighted sums of 1, n, y, n², n·y
+        self._slope = 0.0
+
+    def observe(self, n: int, seconds: float) -> None:
+        if not (seconds >= 0 and np.isfinite(seconds)):
+            return
+        d = self.decay
+        self.w, self.sn, self.sy = d * self.w + 1.0, d * self.sn + n, d * self.sy + seconds
+        self.snn, self.sny = d * self.snn + n * n, d * self.sny + n * seconds
+        mean_n = self.sn / self.w
+        var = self.snn / self.w - mean_n * mean_n
+        if var >= self.min_variance:
+            self._slope = max(0.0, (self.sny / self.w - mean_n * self.sy / self.w) / var)
+
+    @property
+    def per_node(self) -> float:
+        return self._slope
+
+    @property
+    def fixed(self) -> float:
+        if not self.w:
+            return 0.0
+        return max(0.0, (self.sy - self._slope * self.sn) / self.w)

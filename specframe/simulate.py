@@ -31,6 +31,7 @@ from .components import (
 )
 from .engine import SpecGenerator, resolve_components
 from .errors import SpecframeError
+from .fit import HostCost
 from .gate import DraftGate, SourceGates
 from .registry import Registry
 from .target import Target
@@ -173,7 +174,8 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
-    draft_ema = 0.0
+    draft_ema = 0.0  # as the engine learns D and the host's time per node
+    host = HostCost()
     while pos < len(out):
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
@@ -186,7 +188,8 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
             drafting = not ar and (gate is None or gate.want())
             draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
-        ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model, draft_ema)
+        ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model,
+                               draft_ema + host.fixed, host.per_node)
         t0 = time.perf_counter()
         built = comps.expansion.expand(draft, ctx)
         host_s = time.perf_counter() - t0
@@ -214,7 +217,8 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
-            draft_ema = spent if not draft_ema else 0.8 * draft_ema + 0.2 * spent
+            draft_ema = drafted_s if not draft_ema else 0.8 * draft_ema + 0.2 * drafted_s
+            host.observe(tree.size, spent - drafted_s)
         if isinstance(gate, SourceGates):
             gate.record(ran, part_s, committed, seconds + spent)
         elif gate is not None:

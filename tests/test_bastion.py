@@ -170,6 +170,75 @@ def test_full_patience_finds_global_optimum_for_any_cost(problem, curve, d_s, ma
     assert all(v < obj[size - 1] * (1 + 1e-12) for v in obj[: size - 1])
 
 
+class ConvexCurveCost(CurveCost):
+    """A CurveCost that declares its curve convex from n = 1 on (as a roofline without a single-token path)."""
+
+    convex_from = 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=marginal_problems(), curve=cost_curves(CONVEX), d_s=st.floats(0.0, 3.0),
+       h=st.floats(0.0, 0.2), max_nodes=BOUND_NODES, ctx_nodes=BOUND_NODES, ctx_depth=BOUND_DEPTH)
+def test_host_time_per_node_counts_and_a_declared_convex_cost_needs_no_look_ahead(problem, curve, d_s, h, max_nodes,
+                                                                                  ctx_nodes, ctx_depth):
+    """With ``node_seconds`` = h the tree maximises S / (D + C(n) + h·n) over the best-first prefixes; a cost
+    model that declares its curve convex gets that optimum without the patience look-ahead (same tree as
+    full patience, fewer nodes popped)."""
+    probs, tokens = problem
+    kind, fn = curve
+    draft = marginal(probs, tokens)
+    ctx = ctx_for(ConvexCurveCost(fn), max_nodes=ctx_nodes, max_depth=ctx_depth, draft_s=d_s)
+    ctx.node_seconds = h
+    order = BestFirst(budget=max_nodes).expand(draft, ctx)
+    obj = objective(order.scores, lambda n: fn(n) + h * n, d_s)
+    declared = AdaptiveBestFirst(max_nodes=max_nodes, patience=16).expand(draft, ctx)
+    size = declared.tree.size
+    assert same_prefix(declared, order, size)
+    assert obj[size - 1] >= max(obj) * (1 - 1e-9), (kind, size, obj.index(max(obj)) + 1)
+    full = AdaptiveBestFirst(max_nodes=max_nodes, patience=max_nodes + 1).expand(draft, ctx)
+    assert full.tree.size == size
+
+
+def test_host_time_per_node_shrinks_trees_on_a_flat_device_curve():
+    """Verification is free up to hundreds of tokens (a big GPU), but each node costs the host 1 % of a
+    forward: the tree stops where a node's P no longer pays for that, instead of at the budget."""
+    probs = np.full((8, 8), 0.1)
+    flat = ctx_for(ConstantCost(0.04), max_depth=8)
+    free = AdaptiveBestFirst(max_nodes=512).expand(marginal(probs), flat)
+    flat.node_seconds = 0.0004
+    paid = AdaptiveBestFirst(max_nodes=512).expand(marginal(probs), flat)
+    assert free.tree.size == 513  # up to the budget: each node adds expected tokens at no cost
+    assert 1 < paid.tree.size < 30
+    s = lambda b: sum(b.scores)  # noqa: E731
+    assert s(paid) / (0.04 + 0.0004 * paid.tree.size) > s(free) / (0.04 + 0.0004 * free.tree.size)
+
+
+def test_host_cost_fits_fixed_and_per_node_seconds():
+    from specframe.fit import HostCost
+
+    rng = np.random.default_rng(0)
+    host = HostCost()
+    assert host.fixed == 0.0 and host.per_node == 0.0
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        host.observe(n, 0.002 + 0.00005 * n + rng.normal(0, 0.0002))
+    assert host.per_node == pytest.approx(0.00005, rel=0.15)
+    assert host.fixed == pytest.approx(0.002, rel=0.15)
+    for _ in range(200):  # every tree the same size: nothing to fit a slope on, the last one is kept
+        host.observe(20, 0.002 + 0.00005 * 20)
+    slope = host.per_node
+    assert slope == pytest.approx(0.00005, rel=0.15)
+    host.observe(20, 0.002 + 0.00005 * 20)
+    assert host.per_node == slope and host.fixed + 20 * slope == pytest.approx(0.003, rel=1e-3)
+    for _ in range(300):  # time falls with size (noise, another load): never a negative slope
+        n = int(rng.integers(1, 60))
+        host.observe(n, 0.01 - 0.0001 * n)
+    assert host.per_node == 0.0
+    host.observe(5, float("nan"))
+    host.observe(5, -1.0)
+    assert host.per_node == 0.0 and math.isfinite(host.fixed)
+
+
 def test_patience_steps_over_a_bump_in_the_cost_curve():
     """A confident chain and a cost that jumps once then stays flat: the first stop is a local optimum;
     patience looks past the jump to the much better big tree."""
