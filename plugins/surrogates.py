@@ -3,7 +3,9 @@
 ``path-confidence``: P(v) = product of the drafter's probabilities along root→v, so E[L] = Σ_v P(v).
 
 ``calibrated``: the same product, but each factor q is replaced by how often nodes of that confidence
-(binned), depth and draft source were *really* accepted when their parent was — learned online from
+(binned: ``bins`` equal bins, the lowest one split further at ``low_edges`` so that the long tail of
+unlikely candidates a big tree reaches is not priced like a q = 0.05 one), depth and draft source were
+*really* accepted when their parent was — learned online from
 every verification, monotone in q (isotonic), with a Beta prior centred on q itself so it starts out
 equal to ``path-confidence``. A depth with no statistics yet borrows the nearest shallower depth's rates
 (deep nodes are only ever observed once their parents get accepted).
@@ -12,6 +14,7 @@ equal to ``path-confidence``. A depth with no statistics yet borrows the nearest
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import numpy as np
 
@@ -35,17 +38,23 @@ class Calibrated(AcceptanceSurrogate):
 
     name = "calibrated"
 
-    def __init__(self, bins: int = 10, max_depth_bucket: int = 8, prior: float = 2.0, decay: float = 0.999):
+    def __init__(self, bins: int = 10, max_depth_bucket: int = 8, prior: float = 2.0, decay: float = 0.999,
+                 low_edges: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)):
         if bins <= 0 or max_depth_bucket <= 0 or prior <= 0 or not 0 < decay <= 1:
             raise ValueError("bins, max_depth_bucket and prior must be positive and decay in (0, 1]")
-        self.bins, self.max_depth, self.prior, self.decay = bins, max_depth_bucket, prior, decay
-        self.centres = (np.arange(bins) + 0.5) / bins
+        if any(not 0 < e < 1 for e in low_edges):
+            raise ValueError(f"low_edges must lie in (0, 1), got {low_edges}")
+        linear = np.arange(bins + 1) / bins
+        self.edges = np.unique(np.concatenate([[e for e in low_edges if e < linear[1]], linear]))
+        self.bins, self.max_depth, self.prior, self.decay = len(self.edges) - 1, max_depth_bucket, prior, decay
+        self.centres = (self.edges[:-1] + self.edges[1:]) / 2
+        self._edges = self.edges.tolist()  # the hot loop bisects a plain list
         self.hits: dict[tuple[int, int], np.ndarray] = {}
         self.counts: dict[tuple[int, int], np.ndarray] = {}
         self.rates: dict[tuple[int, int], list[float]] = {}
 
     def _bin(self, q: float) -> int:
-        return min(int(q * self.bins), self.bins - 1)
+        return min(bisect_right(self._edges, q) - 1, self.bins - 1)
 
     def rate(self, source: int, depth: int, q: float) -> float:
         """The calibrated conditional acceptance probability of a node with draft probability q."""

@@ -23,12 +23,16 @@ class HostCost:
     """Host seconds of a step besides drafting and the forward — building, verifying and keeping the tree,
     the observers — as ``fixed + per_node · n``: an exponentially weighted least-squares line through the
     recent steps' measured seconds against their tree sizes. The slope is never negative, and while the
-    recent sizes hardly vary (nothing to fit a slope on) the last identified slope is kept."""
+    recent sizes hardly vary (nothing to fit a slope on) the last identified slope is kept. Until a slope
+    has been identified, big trees (``big`` nodes or more, whose fixed part is small beside the nodes')
+    give the seconds per node directly — a policy that fills every tree to its budget while it believes
+    nodes cost the host nothing would otherwise never vary its sizes, and never learn that they do."""
 
-    def __init__(self, decay: float = 0.95, min_variance: float = 1.0):
-        self.decay, self.min_variance = decay, min_variance
+    def __init__(self, decay: float = 0.95, min_variance: float = 1.0, big: int = 32):
+        self.decay, self.min_variance, self.big = decay, min_variance, big
         self.w = self.sn = self.sy = self.snn = self.sny = 0.0  # weighted sums of 1, n, y, n², n·y
-        self._slope = 0.0
+        self._slope: float | None = None
+        self._ratio = 0.0  # mean seconds per node of big trees, the stand-in until a slope is identified
 
     def observe(self, n: int, seconds: float) -> None:
         if not (seconds >= 0 and np.isfinite(seconds)):
@@ -40,13 +44,15 @@ class HostCost:
         var = self.snn / self.w - mean_n * mean_n
         if var >= self.min_variance:
             self._slope = max(0.0, (self.sny / self.w - mean_n * self.sy / self.w) / var)
+        elif n >= self.big:
+            self._ratio = seconds / n if not self._ratio else 0.8 * self._ratio + 0.2 * seconds / n
 
     @property
     def per_node(self) -> float:
-        return self._slope
+        return self._slope if self._slope is not None else self._ratio
 
     @property
     def fixed(self) -> float:
         if not self.w:
             return 0.0
-        return max(0.0, (self.sy - self._slope * self.sn) / self.w)
+        return max(0.0, (self.sy - self.per_node * self.sn) / self.w)

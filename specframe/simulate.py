@@ -166,16 +166,26 @@ class SimResult:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
+@dataclass
+class StepCosts:
+    """What the engine learns across a generator's steps besides the surrogate and cost model: the draft
+    seconds per drafted step (moving average) and the host's fixed + per-node seconds."""
+
+    draft_ema: float = 0.0
+    host: HostCost = field(default_factory=HostCost)
+
+
 def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s: float | None = None,
-           gate: DraftGate | None = None) -> SimResult:
+           gate: DraftGate | None = None, learned: StepCosts | None = None) -> SimResult:
     """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``,
     host overhead from ``overhead`` (given the policy's own work, timed here). ``gate``: the policy's
-    draft gate, fed the simulated step times as the engine feeds it real ones."""
+    draft gate, fed the simulated step times as the engine feeds it real ones; ``learned``: the step costs
+    learned so far (kept across the prompts of one method, as the engine keeps them per generator)."""
     out, plen = row["output"], row["prompt_len"]
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
-    draft_ema = 0.0  # as the engine learns D and the host's time per node
-    host = HostCost()
+    learned = learned if learned is not None else StepCosts()
+    host = learned.host
     while pos < len(out):
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
@@ -189,7 +199,7 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
             draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model,
-                               draft_ema + host.fixed, host.per_node)
+                               learned.draft_ema + host.fixed, host.per_node)
         t0 = time.perf_counter()
         built = comps.expansion.expand(draft, ctx)
         host_s = time.perf_counter() - t0
@@ -217,7 +227,8 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
-            draft_ema = drafted_s if not draft_ema else 0.8 * draft_ema + 0.2 * drafted_s
+            ema = learned.draft_ema
+            learned.draft_ema = drafted_s if not ema else 0.8 * ema + 0.2 * drafted_s
             host.observe(tree.size, spent - drafted_s)
         if isinstance(gate, SourceGates):
             gate.record(ran, part_s, committed, seconds + spent)
@@ -333,9 +344,11 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         # generator per method over all prompts — so the learned surrogate carries across datasets alike
         comps = _sim_components(registry, target_config_target, label, cost, rows[0])
         gate = _gate_for(comps.expansion, rows)
+        learned = StepCosts()
         totals = {ds: SimResult() for ds in datasets_in_order}
         for r in rows:
-            totals[r["dataset"]].add(replay(r, comps, cost, overhead, ar=label == "ar", draft_s=draft_s, gate=gate))
+            totals[r["dataset"]].add(replay(r, comps, cost, overhead, ar=label == "ar", draft_s=draft_s, gate=gate,
+                                                learned=learned))
         if label == "ar":
             overhead.set_reference()
         for ds, total in totals.items():

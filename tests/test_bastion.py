@@ -237,6 +237,16 @@ def test_host_cost_fits_fixed_and_per_node_seconds():
     host.observe(5, float("nan"))
     host.observe(5, -1.0)
     assert host.per_node == 0.0 and math.isfinite(host.fixed)
+    # every tree filled to the same budget from the start (a flat device curve, h believed 0): no slope
+    # can be fitted, so big trees stand in with their seconds per node, and the tree can start to shrink
+    full = HostCost()
+    for _ in range(10):
+        full.observe(257, 0.001 + 0.00003 * 257)
+    assert full.per_node == pytest.approx((0.001 + 0.00003 * 257) / 257)
+    small = HostCost()
+    for _ in range(10):  # small trees say little per node: no stand-in from them
+        small.observe(4, 0.001 + 0.00003 * 4)
+    assert small.per_node == 0.0
 
 
 def test_patience_steps_over_a_bump_in_the_cost_curve():

