@@ -336,7 +336,8 @@ def train_drafter(ctx, target, data_files, num_prompts, prompt_sources, feature_
     files = [f for f in (data_files or "").split(",") if f]
     if stage in ("all", "data") and not files:
         sources = tuple(x for x in prompt_sources.split(",") if x)
-        files = [str(generate_data(tgt, work / "data.jsonl", num_prompts, max_response, log, sources=sources))]
+        files = [str(generate_data(tgt, work / "data.jsonl", num_prompts, max_response, log, sources=sources,
+                                   deadline=deadline))]
     if stage in ("all", "features"):
         if not files:
             files = [str(work / "data.jsonl")]

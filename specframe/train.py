@@ -59,10 +59,12 @@ def read_rows(paths: list[str], max_response: int, max_rows: int | None = None) 
 
 
 def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: int, log,
-                  sources: tuple[str, ...] = ("sharegpt",), batch_size: int = 32) -> Path:
+                  sources: tuple[str, ...] = ("sharegpt",), batch_size: int = 32,
+                  deadline: float | None = None) -> Path:
     """Self-distillation data for any target: its greedy answers to training prompts from ``sources``
     (:func:`specframe.datasets.training_prompts`; never an evaluation prompt). Answers are made in
-    length-sorted batches; a rerun appends to ``out`` and skips the prompts it already holds."""
+    length-sorted batches; a rerun appends to ``out`` and skips the prompts it already holds. Past
+    ``deadline`` (a ``time.time()``) it stops after the batch in flight."""
     from .datasets import encode, training_prompts
 
     done: set[str] = set()
@@ -84,6 +86,9 @@ def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: i
         for s in range(0, len(todo), batch_size * 8):  # sort within windows: little padding, steady progress
             window = sorted(todo[s : s + batch_size * 8], key=lambda item: len(item[1]))
             for b in range(0, len(window), batch_size):
+                if deadline is not None and time.time() > deadline:
+                    log("data: deadline reached; rerun to continue")
+                    return out
                 chunk = window[b : b + batch_size]
                 answers = target.greedy_batch([ids for _, ids in chunk], max_new_tokens)
                 for (p, ids), ans in zip(chunk, answers):

@@ -98,6 +98,11 @@ def test_generated_data_is_the_targets_greedy_answers_and_resumes(tmp_path):
         assert r["response_ids"] == plain_greedy(target.model, r["prompt_ids"], 12, {7})
         assert r["finished"] == (r["response_ids"][-1] == 7)
     assert len(read_rows([str(out)], 128)) == sum(len(r["response_ids"]) >= 2 for r in rows)
+    # a deadline already past: nothing new is made, and the log says how to go on
+    said = []
+    late = tmp_path / "late.jsonl"
+    generate_data(target, late, 5, 12, said.append, sources=(str(src),), batch_size=2, deadline=0.0)
+    assert late.read_text() == "" and said == ["data: deadline reached; rerun to continue"]
 
 
 def test_training_on_two_feature_caches_adds_the_second_as_training_rows(tmp_path):
