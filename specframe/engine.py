@@ -31,7 +31,7 @@ from .components import (
     Verifier,
 )
 from .errors import InvalidTreeError, PluginError, SpecframeError
-from .fit import HostCost
+from .fit import StepCosts
 from .gate import DraftGate
 from .registry import COMPONENT_KINDS, PolicySpec, Registry
 from .target import Target
@@ -235,8 +235,7 @@ class SpecGenerator:
         hook = self.registry.pm.hook
         self._step_observers = hook.on_step_end.get_hookimpls()
         self._run_observers = hook.on_run_end.get_hookimpls()
-        self._draft_ema = 0.0  # seconds of drafting per drafted step (exponential moving average)
-        self._host = HostCost()  # the step's other host seconds, fixed + per tree node
+        self._costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
         self._calibrated = False
         gated = getattr(self.components.expansion, "gates_drafting", False)
         self.gate = DraftGate() if gated and not getattr(self.components.drafter, "gates_sources", False) else None
@@ -438,9 +437,9 @@ class _Run:
         t0 = time.perf_counter()
         draft = self.propose(context, max_depth) if drafting else EmptyDraft()
         t1 = time.perf_counter()
-        host = self.gen._host
+        costs = self.gen._costs
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model,
-                               self.gen._draft_ema + host.fixed, host.per_node)
+                               costs.fixed_seconds, costs.per_node)
         built = self.expand(draft, ctx)
         tree = built.tree
         predicted = self.predict_cost(tree.size, past)
@@ -475,9 +474,7 @@ class _Run:
             drafted=drafting,
         )
         if drafting:  # the stopping rule's D and per-node host time: what a step costs besides the forward
-            ema = self.gen._draft_ema
-            self.gen._draft_ema = 0.8 * ema + 0.2 * record.draft_s if ema else record.draft_s
-            host.observe(tree.size, record.overhead_s)
+            costs.observe(tree.size, record.draft_s, record.overhead_s)
         if gate is not None:
             gate.record(drafting, len(committed), t4 - t0, record.draft_s)
         self.stats.records.append(record)

@@ -56,3 +56,28 @@ class HostCost:
         if not self.w:
             return 0.0
         return max(0.0, (self.sy - self.per_node * self.sn) / self.w)
+
+
+class StepCosts:
+    """What a generator learns across its steps about a step's seconds besides the forward, for BASTION's
+    stopping rule: the drafting seconds of a drafted step (moving average) plus the host's fixed part
+    (``fixed_seconds``, the rule's D) and the host's seconds per tree node (``per_node``). The engine
+    keeps one per generator; the simulator keeps one per replayed method, so both learn alike."""
+
+    def __init__(self):
+        self.draft_ema = 0.0
+        self.host = HostCost()
+
+    def observe(self, n: int, draft_s: float, overhead_s: float) -> None:
+        """A drafted step: its tree size, drafting seconds and other host seconds."""
+        ema = self.draft_ema
+        self.draft_ema = 0.8 * ema + 0.2 * draft_s if ema else draft_s
+        self.host.observe(n, overhead_s)
+
+    @property
+    def fixed_seconds(self) -> float:
+        return self.draft_ema + self.host.fixed
+
+    @property
+    def per_node(self) -> float:
+        return self.host.per_node

@@ -31,7 +31,7 @@ from .components import (
 )
 from .engine import SpecGenerator, resolve_components
 from .errors import SpecframeError
-from .fit import HostCost
+from .fit import StepCosts
 from .gate import DraftGate, SourceGates
 from .registry import Registry
 from .target import Target
@@ -166,15 +166,6 @@ class SimResult:
         return self.accepted_plus_bonus / self.steps if self.steps else 0.0
 
 
-@dataclass
-class StepCosts:
-    """What the engine learns across a generator's steps besides the surrogate and cost model: the draft
-    seconds per drafted step (moving average) and the host's fixed + per-node seconds."""
-
-    draft_ema: float = 0.0
-    host: HostCost = field(default_factory=HostCost)
-
-
 def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s: float | None = None,
            gate: DraftGate | None = None, learned: StepCosts | None = None) -> SimResult:
     """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``,
@@ -185,7 +176,6 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
     res = SimResult()
     pos = 0  # committed output tokens so far; the root is the last committed token
     learned = learned if learned is not None else StepCosts()
-    host = learned.host
     while pos < len(out):
         context = plen + pos - 1  # tokens in the target cache (the root is not)
         remaining = len(out) - pos
@@ -194,12 +184,14 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
             drafting = True
             ran = gate.want()
             draft, part_s = _gated_sources(step, ran, draft_s)
+            drafted_s = sum(part_s)
         else:
             drafting = not ar and (gate is None or gate.want())
             draft = deserialize_draft(step["draft"]) if drafting else EmptyDraft()
+            drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model,
-                               learned.draft_ema + host.fixed, host.per_node)
+                               learned.fixed_seconds, learned.per_node)
         t0 = time.perf_counter()
         built = comps.expansion.expand(draft, ctx)
         host_s = time.perf_counter() - t0
@@ -220,16 +212,10 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         comps.surrogate.observe(tree, path, built.scores)
         comps.cost_model.observe(tree.size, context, seconds)
         host_s += time.perf_counter() - t0
-        if isinstance(gate, SourceGates):
-            drafted_s = sum(part_s)
-        else:
-            drafted_s = (step["draft_s"] if draft_s is None else draft_s) if drafting else 0.0
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
-            ema = learned.draft_ema
-            learned.draft_ema = drafted_s if not ema else 0.8 * ema + 0.2 * drafted_s
-            host.observe(tree.size, spent - drafted_s)
+            learned.observe(tree.size, drafted_s, spent - drafted_s)
         if isinstance(gate, SourceGates):
             gate.record(ran, part_s, committed, seconds + spent)
         elif gate is not None:
