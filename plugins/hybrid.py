@@ -16,11 +16,10 @@ replaced by its running mean, so a slow source's runs do not make another source
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from specframe import hookimpl
+from specframe.clock import Clock, real_clock
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft
 from specframe.errors import SpecframeError
 from specframe.gate import SourceGates
@@ -62,7 +61,8 @@ class HybridDrafter(Drafter):
     auto_priority = 20
     composite = True
 
-    def __init__(self, target=None, registry=None, sources: str | tuple = "ngram,dflash", gate: bool = True):
+    def __init__(self, target=None, registry=None, sources: str | tuple = "ngram,dflash", gate: bool = True,
+                 clock: Clock = real_clock):
         if target is None or registry is None:
             raise ValueError("the hybrid drafter needs the target and the registry")
         names = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
@@ -71,7 +71,8 @@ class HybridDrafter(Drafter):
         self.sources = []
         for spec in names:
             base, _, arg = spec.partition(":")
-            self.sources.append(registry.build("drafter", base, {"path": arg} if arg else {}, target=target))
+            self.sources.append(registry.build("drafter", base, {"path": arg} if arg else {}, target=target,
+                                               clock=clock))
         self.source_names = names
         layers: list[int] = []
         for src in self.sources:
@@ -87,7 +88,8 @@ class HybridDrafter(Drafter):
         self.gates = SourceGates(len(self.sources)) if gate else None
         self._ran: list[bool] | None = None  # which sources ran for the step in flight, and their seconds
         self._draft_s: list[float] = []
-        self._mark = time.perf_counter()
+        self.clock = clock
+        self._mark = clock()
 
     @property
     def gates_sources(self) -> bool:
@@ -109,12 +111,12 @@ class HybridDrafter(Drafter):
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         for i, src in enumerate(self.sources):
             src.start(prompt_ids, self._feats(i, features))
-        self._ran, self._mark = None, time.perf_counter()
+        self._ran, self._mark = None, self.clock()
 
     def commit(self, tokens: list[int], features: torch.Tensor | None) -> None:
         for i, src in enumerate(self.sources):
             src.commit(tokens, self._feats(i, features))
-        now = time.perf_counter()
+        now = self.clock()
         if self.gates is not None and self._ran is not None:  # a step's outcome: committed = root + accepted
             self.gates.record(self._ran, self._draft_s, len(tokens), now - self._mark)
         self._ran, self._mark = None, now
@@ -128,9 +130,9 @@ class HybridDrafter(Drafter):
         raw, self._draft_s = [], []
         self._ran = self.gates.want() if self.gates is not None else [True] * len(self.sources)
         for src, run in zip(self.sources, self._ran):
-            t0 = time.perf_counter()
+            t0 = self.clock()
             raw.append(src.propose(context_ids, max_depth) if run else EmptyDraft())
-            self._draft_s.append(time.perf_counter() - t0)
+            self._draft_s.append(self.clock() - t0)
         if all(isinstance(d, EmptyDraft) for d in raw):
             return EmptyDraft()
         return MergedDraft([_relabel(d, i) for i, d in enumerate(raw)])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from .components import (
     StepRecord,
     Verifier,
 )
+from .clock import Clock, real_clock
 from .errors import InvalidTreeError, PluginError, SpecframeError
 from .fit import StepCosts
 from .gate import DraftGate
@@ -64,6 +64,7 @@ class Components:
     cost_model: CostModel
     expansion: ExpansionPolicy
     names: dict[str, str]
+    notes: dict[str, str]  # component -> why ``auto`` chose it (only for components resolved by ``auto``)
 
 
 def parse_value(text: str):
@@ -97,6 +98,7 @@ def resolve_components(
     drafter: str | Drafter | None = None,
     overrides: Mapping[str, object] | None = None,
     strict: bool = True,
+    clock: Clock = real_clock,
     **objects,
 ) -> Components:
     """Resolve a policy string (``name`` or ``name:VALUE``) plus overrides into component instances.
@@ -130,8 +132,9 @@ def resolve_components(
             raise SpecframeError(f"unknown component '{key}'; pass one of drafter, surrogate, cost_model, expansion")
         if obj is not None:
             chosen[key] = obj
+    notes: dict[str, str] = {}
     if chosen["drafter"] in ("auto", "auto-hybrid"):
-        chosen["drafter"] = default_drafter(registry, target, composite=chosen["drafter"] == "auto-hybrid")
+        chosen["drafter"], notes["drafter"] = choose_drafter(registry, target, composite=chosen["drafter"] == "auto-hybrid")
 
     built: dict[str, object] = {}
     names: dict[str, str] = {}
@@ -145,31 +148,66 @@ def resolve_components(
         kwargs = dict(params.get(comp, {}))
         if arg:
             kwargs["path"] = arg
-        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target, registry=registry)
+        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target, registry=registry,
+                                     clock=clock)
         names[comp] = value
     names["verifier"] = str(chosen["verifier"])
-    return Components(spec, built["drafter"], built["surrogate"], built["cost_model"], built["expansion"], names)
+    return Components(spec, built["drafter"], built["surrogate"], built["cost_model"], built["expansion"], names,
+                      notes)
 
 
 def default_drafter(registry: Registry, target: Target, composite: bool = False) -> str:
-    """The drafter ``auto`` resolves to: among registered drafters whose factory says
+    """The drafter ``auto`` resolves to (see :func:`choose_drafter`)."""
+    return choose_drafter(registry, target, composite)[0]
+
+
+def choose_drafter(registry: Registry, target: Target, composite: bool = False) -> tuple[str, str]:
+    """The drafter ``auto`` resolves to, and why: among registered drafters whose factory says
     ``available_for(target)``, the one with the highest ``auto_priority``; else ``ngram``. Composite
-    drafters (``composite = True``, e.g. ``hybrid``) only count for ``auto-hybrid``."""
-    best, best_priority = "ngram", float("-inf")
+    drafters (``composite = True``, e.g. ``hybrid``) only count for ``auto-hybrid``. A factory may
+    explain its answer with ``availability(target) -> (ok, reason)`` instead of ``available_for``; the
+    reason of the winner (or of the best refused candidate, when ``ngram`` is the fallback) comes back."""
+    best, best_priority, why = "ngram", float("-inf"), ""
+    refused: list[tuple[float, str, str]] = []
     for name in registry.names("drafter"):
         factory = registry.get("drafter", name).factory
         if getattr(factory, "composite", False) and not composite:
             continue
-        check = getattr(factory, "available_for", None)
         priority = getattr(factory, "auto_priority", 0)
-        if check is not None and priority > best_priority:
-            try:
-                ok = bool(check(target))
-            except Exception as err:  # noqa: BLE001
-                raise PluginError(f"drafter '{name}' failed in available_for: {type(err).__name__}: {err}") from err
-            if ok:
-                best, best_priority = name, priority
-    return best
+        if priority <= best_priority:
+            continue
+        verdict = _availability(name, factory, target)
+        if verdict is None:
+            continue
+        ok, reason = verdict
+        if ok:
+            best, best_priority, why = name, priority, reason
+        else:
+            refused.append((priority, name, reason))
+    if best == "ngram" and not why:
+        if refused:
+            _, name, reason = max(refused)
+            why = f"'{name}' is not available ({reason}); prompt lookup needs no model"
+        else:
+            why = "no drafter that needs a model is registered for this target; prompt lookup needs no model"
+    return best, why
+
+
+def _availability(name: str, factory, target: Target) -> tuple[bool, str] | None:
+    """``(ok, reason)`` from a drafter factory's ``availability`` / ``available_for``, or None if it has neither."""
+    explain, check = getattr(factory, "availability", None), getattr(factory, "available_for", None)
+    try:
+        if explain is not None:
+            ok, reason = explain(target)
+            return bool(ok), str(reason)
+        if check is not None:
+            ok = bool(check(target))
+            return ok, f"'{name}' says it is {'available' if ok else 'not available'} for this target"
+    except SpecframeError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise PluginError(f"drafter '{name}' failed in available_for: {type(err).__name__}: {err}") from err
+    return None
 
 
 def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict, strict: bool = True) -> dict[str, dict]:
@@ -223,20 +261,21 @@ class SpecGenerator:
         registry: Registry | None = None,
         max_tree_nodes: int = 512,
         strict_params: bool = True,
+        clock: Clock = real_clock,
         **objects,
     ):
         if max_tree_nodes <= 0:
             raise SpecframeError(f"max_tree_nodes must be positive, got {max_tree_nodes}")
         self.target = target
         self.registry = registry or Registry()
-        self.components = resolve_components(self.registry, target, policy, drafter, params, strict_params, **objects)
+        self.clock = clock  # every timing of the loop, the gates and calibration reads this one clock
+        self.components = resolve_components(self.registry, target, policy, drafter, params, strict_params,
+                                             clock=clock, **objects)
         self.max_tree_nodes = max_tree_nodes
         self._verifiers: dict[SamplingParams, Verifier] = {}
-        hook = self.registry.pm.hook
-        self._step_observers = hook.on_step_end.get_hookimpls()
-        self._run_observers = hook.on_run_end.get_hookimpls()
-        self._costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
-        self._calibrated = False
+        self.observers = Observers(self.registry.pm)
+        self.costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
+        self.calibrated = False  # the cost model is calibrated once per generator, on its first prompt
         gated = getattr(self.components.expansion, "gates_drafting", False)
         self.gate = DraftGate() if gated and not getattr(self.components.drafter, "gates_sources", False) else None
 
@@ -245,6 +284,11 @@ class SpecGenerator:
                         device="cpu", **kwargs) -> "SpecGenerator":
         """Load ``target`` (hub id, local path, or ``None`` for the embedded SmolLM2) and build a generator."""
         return cls(Target.load(target, dtype=dtype, device=device), policy, **kwargs)
+
+    @property
+    def auto_notes(self) -> dict[str, str]:
+        """Why ``auto`` chose each component it chose (e.g. ``{"drafter": "..."}``)."""
+        return dict(self.components.notes)
 
     @property
     def policy_name(self) -> str:
@@ -311,6 +355,7 @@ class _Run:
         self.ids, self.max_new = ids, max_new
         self.verifier_name, self.verifier, self.sampler, self.stream = verifier_name, verifier, sampler, stream
         self.eos = set(self.t.eos_token_ids)
+        self.clock = gen.clock
         self.stats = RunStats()
 
     def _call(self, who: str, fn, *args):
@@ -324,16 +369,17 @@ class _Run:
 
     def execute(self) -> Generation:
         c, names = self.c, self.c.names
-        t0 = time.perf_counter()
+        clock = self.clock
+        t0 = clock()
         session = self.t.start(c.drafter.feature_layers)
         feats = session.prefill(self.ids[:-1])
         self._call(f"drafter '{names['drafter']}'", c.drafter.start, list(self.ids), feats)
-        self.stats.prefill_s = time.perf_counter() - t0
-        if not self.gen._calibrated:  # once per generator; not counted as decoding time
-            self.gen._calibrated = True
-            started = time.perf_counter()
+        self.stats.prefill_s = clock() - t0
+        if not self.gen.calibrated:  # once per generator; not counted as decoding time
+            self.gen.calibrated = True
+            started = clock()
             self._call(f"cost model '{names['cost_model']}'", c.cost_model.calibrate, self._timer(session), session.past)
-            t0 += time.perf_counter() - started
+            t0 += clock() - started
         context, out = list(self.ids), []
         while len(out) < self.max_new:
             committed = self.step(session, context, self.max_new - len(out))
@@ -344,15 +390,9 @@ class _Run:
             if committed[-1] in self.eos:
                 break
         self.stats.new_tokens = len(out)
-        self.stats.wall_s = time.perf_counter() - t0
-        self._notify(self.gen._run_observers, "on_run_end", stats=self.stats)
+        self.stats.wall_s = clock() - t0
+        self.gen.observers.run_end(self.stats)
         return Generation(out, self.t.decode(out), list(self.ids), self.stats)
-
-    def _notify(self, impls, hook: str, **kwargs) -> None:
-        """Call observer hooks directly (resolved once per generator); a failure names the plugin."""
-        for impl in impls:
-            args = {k: kwargs[k] for k in impl.argnames}
-            self._call(f"plugin '{impl.plugin_name}' in {hook}", impl.function, *args.values())
 
     def _timer(self, session):
         """``measure(n)``: seconds of one real verification of an n-token chain at the current context."""
@@ -366,10 +406,10 @@ class _Run:
             session.verify(tree)  # warm-up (allocations, kernel selection)
             session.rollback(n)
             self.t.synchronize()
-            start = time.perf_counter()
+            start = self.clock()
             session.verify(tree)
             self.t.synchronize()
-            seconds = time.perf_counter() - start
+            seconds = self.clock() - start
             session.rollback(n)
             return seconds
 
@@ -430,23 +470,23 @@ class _Run:
 
     def step(self, session, context: list[int], remaining: int) -> list[int]:
         """One draft → expand → verify → commit step; returns the committed tokens."""
-        c, names, gate = self.c, self.c.names, self.gen.gate
+        c, names, gate, clock = self.c, self.c.names, self.gen.gate, self.clock
         past = session.past
         max_nodes, max_depth = self.bounds(past, remaining)
         drafting = gate is None or gate.want()
-        t0 = time.perf_counter()
+        t0 = clock()
         draft = self.propose(context, max_depth) if drafting else EmptyDraft()
-        t1 = time.perf_counter()
-        costs = self.gen._costs
+        t1 = clock()
+        costs = self.gen.costs
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model,
                                costs.fixed_seconds, costs.per_node)
         built = self.expand(draft, ctx)
         tree = built.tree
         predicted = self.predict_cost(tree.size, past)
-        t2 = time.perf_counter()
+        t2 = clock()
         fwd = session.verify(tree)
         self.t.synchronize()  # so verify_s is the forward's time, not its launch time, on a GPU
-        t3 = time.perf_counter()
+        t3 = clock()
         path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
         session.keep(path, tree.size)
         accepted = tree.tokens[path[1:]].tolist()
@@ -459,7 +499,7 @@ class _Run:
         self._call(f"drafter '{names['drafter']}'", c.drafter.commit, tree.tokens[path].tolist(), feats)
         self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
         self._call(f"cost model '{names['cost_model']}'", c.cost_model.observe, tree.size, past, t3 - t2)
-        t4 = time.perf_counter()
+        t4 = clock()
         record = StepRecord(
             tree_size=tree.size,
             accepted=len(path) - 1,
@@ -479,5 +519,46 @@ class _Run:
             gate.record(drafting, len(committed), t4 - t0, record.draft_s)
         self.stats.records.append(record)
         self.stats.steps += 1
-        self._notify(self.gen._step_observers, "on_step_end", record=record, step=self.stats.steps - 1)
+        self.gen.observers.step_end(record, self.stats.steps - 1)
         return committed
+
+
+class Observers:
+    """The observer hooks ``on_step_end`` / ``on_run_end``, called through pluggy's own hook callers (so
+    ``tryfirst``/``trylast``, ``wrapper=True`` and ``hookwrapper=True`` implementations behave as pluggy
+    documents), resolved once per generator. With no implementation a step pays one attribute test.
+    An observer that raises is named in the error."""
+
+    def __init__(self, pm):
+        self.pm = pm
+        self._step, self._run = pm.hook.on_step_end, pm.hook.on_run_end
+        self.watching_steps = bool(self._step.get_hookimpls())
+        self.watching_runs = bool(self._run.get_hookimpls())
+
+    def step_end(self, record: StepRecord, step: int) -> None:
+        if self.watching_steps:
+            self._call(self._step, record=record, step=step)
+
+    def run_end(self, stats: RunStats) -> None:
+        if self.watching_runs:
+            self._call(self._run, stats=stats)
+
+    def _call(self, caller, **kwargs) -> None:
+        try:
+            caller(**kwargs)
+        except SpecframeError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise PluginError(f"plugin '{_raiser(caller, err)}' in {caller.name} failed: "
+                              f"{type(err).__name__}: {err}") from err
+
+
+def _raiser(caller, err: BaseException) -> str:
+    """The name of the plugin whose hook implementation raised ``err`` (its innermost frame wins)."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
+             if hasattr(impl.function, "__code__")}
+    name, tb = "?", err.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code, name)
+        tb = tb.tb_next
+    return name

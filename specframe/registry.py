@@ -299,7 +299,7 @@ class Registry:
             raise PluginError(f"{kind} '{name}' (plugin '{reg.plugin}') failed to start: {type(err).__name__}: {err}") from err
 
 
-INJECTED = ("target", "sampling", "registry")
+INJECTED = ("target", "sampling", "registry", "clock")
 
 
 def warn_problems(plugin_set: PluginSet) -> None:

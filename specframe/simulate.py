@@ -12,7 +12,6 @@ hardware you do not have. Results are labelled as simulation.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from . import datasets
+from .clock import Clock, real_clock
 from .components import (
     Draft,
     Drafter,
@@ -98,8 +98,8 @@ class _SourcedTrie(TrieDraft):
 class _Recorder(Drafter):
     """Wraps a drafter; records its proposal (and time) at every position."""
 
-    def __init__(self, inner: Drafter):
-        self.inner, self.name = inner, getattr(inner, "name", "drafter")
+    def __init__(self, inner: Drafter, clock: Clock = real_clock):
+        self.inner, self.name, self.clock = inner, getattr(inner, "name", "drafter"), clock
         self.feature_layers, self.max_depth = inner.feature_layers, inner.max_depth
         self.steps: list[dict] = []
 
@@ -111,9 +111,9 @@ class _Recorder(Drafter):
         self.inner.commit(tokens, features)
 
     def propose(self, context_ids, max_depth):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         draft = self.inner.propose(context_ids, max_depth)  # the same bound a live step at this position gets
-        step = {"draft": serialize_draft(draft), "draft_s": time.perf_counter() - t0}
+        step = {"draft": serialize_draft(draft), "draft_s": self.clock() - t0}
         parts = getattr(self.inner, "source_seconds", None)  # a composite drafter: each source's seconds
         if parts is not None:
             step["draft_s_parts"] = parts
@@ -122,13 +122,14 @@ class _Recorder(Drafter):
 
 
 def record_trace(target: Target, drafter: str | None, prompts: list[datasets.Prompt], max_new_tokens: int,
-                 out: Path, registry: Registry | None = None, log=print) -> Path:
+                 out: Path, registry: Registry | None = None, log=print, clock: Clock = real_clock) -> Path:
     """One plain greedy pass per prompt, recording the drafter's proposal at every position."""
     registry = registry or Registry()
     # every source at every position: a composite drafter's draft gate would skip sources under "ar"
-    comps = resolve_components(registry, target, "bastion", drafter, {"drafter.gate": False}, strict=False)
-    rec = _Recorder(comps.drafter)
-    gen = SpecGenerator(target, "ar", drafter=rec, registry=registry)
+    comps = resolve_components(registry, target, "bastion", drafter, {"drafter.gate": False}, strict=False,
+                               clock=clock)
+    rec = _Recorder(comps.drafter, clock)
+    gen = SpecGenerator(target, "ar", drafter=rec, registry=registry, clock=clock)
     with open(out, "w") as fh:
         for p in prompts:
             ids = datasets.encode(p, target)
@@ -167,7 +168,7 @@ class SimResult:
 
 
 def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s: float | None = None,
-           gate: DraftGate | None = None, learned: StepCosts | None = None) -> SimResult:
+           gate: DraftGate | None = None, learned: StepCosts | None = None, clock: Clock = real_clock) -> SimResult:
     """Replay one traced prompt with a policy's expansion policy and surrogate; latency from ``cost``,
     host overhead from ``overhead`` (given the policy's own work, timed here). ``gate``: the policy's
     draft gate, fed the simulated step times as the engine feeds it real ones; ``learned``: the step costs
@@ -192,9 +193,9 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
         root = out[pos - 1] if pos else 0  # the root's token never affects acceptance
         ctx = ExpansionContext(root, context, 512, remaining - 1, comps.surrogate, comps.cost_model,
                                learned.fixed_seconds, learned.per_node)
-        t0 = time.perf_counter()
+        t0 = clock()
         built = comps.expansion.expand(draft, ctx)
-        host_s = time.perf_counter() - t0
+        host_s = clock() - t0
         tree = built.tree
         kids = tree.children()
         tokens = tree.tokens.tolist()
@@ -208,10 +209,10 @@ def replay(row: dict, comps, cost, overhead: Overhead, ar: bool = False, draft_s
             path.append(node)
         committed = min(len(path), remaining)
         seconds = cost.predict(tree.size, context)
-        t0 = time.perf_counter()
+        t0 = clock()
         comps.surrogate.observe(tree, path, built.scores)
         comps.cost_model.observe(tree.size, context, seconds)
-        host_s += time.perf_counter() - t0
+        host_s += clock() - t0
         spent = drafted_s + overhead.step(tree.size, host_s)
         res.overhead_s += spent - drafted_s
         if drafting:
@@ -303,7 +304,7 @@ def host_table(profile: Path):
 
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target_config_target: Target | None = None,
              registry: Registry | None = None, overhead_s: float | None = None, draft_s: float | None = None,
-             compare: Path | None = None) -> dict:
+             compare: Path | None = None, clock: Clock = real_clock) -> dict:
     """Replay every method over the trace with latencies from ``profile``; write summary.json and report.md.
 
     ``draft_s`` replaces the traced (measured here) draft time per step — set it when the simulated device
@@ -334,7 +335,7 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, target
         totals = {ds: SimResult() for ds in datasets_in_order}
         for r in rows:
             totals[r["dataset"]].add(replay(r, comps, cost, overhead, ar=label == "ar", draft_s=draft_s, gate=gate,
-                                                learned=learned))
+                                                learned=learned, clock=clock))
         if label == "ar":
             overhead.set_reference()
         for ds, total in totals.items():
@@ -448,7 +449,8 @@ def render(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats: int, out: Path) -> Path:
+def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats: int, out: Path,
+                    clock: Clock = real_clock) -> Path:
     """Median verify latency of chain trees of n tokens at context c on this machine (profile JSON), and
     the host's bookkeeping after each forward (verifying the logits, keeping the path: ``host_ms_median``).
 
@@ -473,14 +475,14 @@ def measure_profile(target: Target, ns: list[int], contexts: list[int], repeats:
         for c in contexts:
             for n in ns:
                 target.synchronize()
-                t0 = time.perf_counter()
+                t0 = clock()
                 fwd = sessions[c].verify(trees[n])
                 target.synchronize()
-                t1 = time.perf_counter()
+                t1 = clock()
                 # the engine's bookkeeping of an n-node tree after the forward: verify the logits, keep the path
                 path = verifier.verify(trees[n], fwd.logits, None).path
                 sessions[c].keep(path, n)
-                t2 = time.perf_counter()
+                t2 = clock()
                 if rnd:  # round 0 warms every shape up
                     times[(n, c)].append(t1 - t0)
                     host[(n, c)].append(t2 - t1)

@@ -1,16 +1,19 @@
 """Draft or not: the DraftGate on synthetic streams, in the engine (a slow useless drafter is skipped, a
 slow good one is kept, output unchanged), per source inside ``hybrid``, in the simulator, and the
-roofline's separate single-token path that the decision relies on."""
+roofline's separate single-token path that the decision relies on.
+
+Nothing here reads the wall clock: the engine, the hybrid drafter and the simulator are given a
+:class:`~specframe.clock.ManualClock`; a slow drafter advances it by its "delay" and each target forward by a
+modelled cost, so every decision below is deterministic whatever the machine is doing."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from specframe import Registry, SpecGenerator, hookimpl, make_plugin_set
+from specframe.clock import ManualClock
 from specframe.components import Drafter, EmptyDraft, MarginalDraft
 from specframe.gate import DraftGate
 from specframe.plugins.cost_models import Roofline
@@ -69,18 +72,45 @@ def test_cheap_source_always_runs_and_bad_records_are_ignored():
 
 
 # ---------------------------------------------------------------------- 2. in the engine
+def forward_cost(n: int) -> float:
+    """Modelled seconds of verifying n tree tokens: 10 ms plus 0.5 ms a token."""
+    return 0.010 + 0.0005 * n
+
+
+def timed(target, clock: ManualClock):
+    """``target`` whose every verification forward advances ``clock`` by :func:`forward_cost`."""
+    start = target.start
+
+    def start_timed(feature_layers=()):
+        session = start(feature_layers)
+        verify = session.verify
+
+        def verify_timed(tree):
+            out = verify(tree)
+            clock.advance(forward_cost(tree.size))
+            return out
+
+        session.verify = verify_timed
+        return session
+
+    target.start = start_timed
+    return target
+
+
 class SlowDrafter(Drafter):
-    """Sleeps ``delay`` seconds per proposal, then proposes a confident chain: the true greedy
+    """Takes ``delay`` seconds of ``clock`` per proposal, then proposes a confident chain: the true greedy
     continuation (``oracle``) or tokens that never occur in it."""
 
     name = "slow"
 
-    def __init__(self, reference: list[int], delay: float, oracle: bool, depth: int = 12):
+    def __init__(self, reference: list[int], delay: float, oracle: bool, depth: int = 12, clock=None):
         self.reference, self.delay, self.oracle, self.max_depth = reference, delay, oracle, depth
+        self.clock = clock
         self.unused = [t for t in range(VOCAB) if t not in set(reference)]
 
     def propose(self, context_ids, max_depth):
-        time.sleep(self.delay)
+        if self.delay:
+            self.clock.advance(self.delay)
         depth = min(self.max_depth, max_depth)
         if depth <= 0:
             return EmptyDraft()
@@ -110,21 +140,30 @@ def drafted_flags(gen, reference, runs=4, n=40) -> list[bool]:
     return flags
 
 
-def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_target, reference):
-    useless = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False))
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_target, reference, clock):
+    target = timed(tiny_target, clock)
+    useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
+                            clock=clock)
     assert np.mean(drafted_flags(useless, reference)[40:]) < 0.25, useless.gate.summary()
 
-    good = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.004, oracle=True))
+    good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.004, oracle=True, clock=clock),
+                         clock=clock)
     assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > 0.8, good.gate.summary()
 
-    ungated = SpecGenerator(tiny_target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False),
-                            params={"expansion.gate": False})
+    ungated = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
+                            params={"expansion.gate": False}, clock=clock)
     assert ungated.gate is None
     assert all(drafted_flags(ungated, reference, runs=1)), "without the gate every step drafts"
 
 
-def test_fixed_budget_policies_never_skip(tiny_target, reference):
-    gen = SpecGenerator(tiny_target, "best-first:8", drafter=SlowDrafter(reference, 0.01, oracle=False))
+def test_fixed_budget_policies_never_skip(tiny_target, reference, clock):
+    gen = SpecGenerator(timed(tiny_target, clock), "best-first:8",
+                        drafter=SlowDrafter(reference, 0.01, oracle=False, clock=clock), clock=clock)
     assert gen.gate is None
     out = gen.generate(PROMPT, 20)
     assert out.token_ids == reference[:20] and all(r.drafted for r in out.stats.records)
@@ -138,25 +177,29 @@ class SourcesPlugin:
     @hookimpl
     def register_drafters(self, register):
         ref = self.reference
-        register("slow-useless", lambda: SlowDrafter(ref, 0.02, oracle=False))
-        register("fast-oracle", lambda: SlowDrafter(ref, 0.0, oracle=True, depth=4))
+        # factories that take ``clock`` get the one the generator (or the hybrid) was given
+        register("slow-useless", lambda clock: SlowDrafter(ref, 0.02, oracle=False, clock=clock))
+        register("fast-oracle", lambda clock: SlowDrafter(ref, 0.0, oracle=True, depth=4, clock=clock))
 
 
-def test_hybrid_gates_the_source_that_does_not_pay(tiny_target, reference):
+def test_hybrid_gates_the_source_that_does_not_pay(tiny_target, reference, clock):
+    target = timed(tiny_target, clock)
     registry = Registry(make_plugin_set(allow=set(), extra=[SourcesPlugin(reference)]))
-    hybrid = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless")
-    gen = SpecGenerator(tiny_target, "bastion", drafter=hybrid, registry=registry, params={"expansion.gate": False})
+    hybrid = HybridDrafter(target=target, registry=registry, sources="fast-oracle,slow-useless", clock=clock)
+    gen = SpecGenerator(target, "bastion", drafter=hybrid, registry=registry, params={"expansion.gate": False},
+                        clock=clock)
     for _ in range(3):
         out = gen.generate(PROMPT, 60)
         assert out.token_ids == reference[:60]
     fast, slow = hybrid.gates
     assert fast.trials[False] <= fast.min_trials + 1, (fast.summary(), slow.summary())
     assert slow.trials[True] < 0.3 * (slow.trials[True] + slow.trials[False]), slow.summary()
-    ungated = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
+    ungated = HybridDrafter(target=target, registry=registry, sources="fast-oracle,slow-useless", gate=False,
+                            clock=clock)
     assert ungated.gates is None
     # one decision, one gate: the engine gates a hybrid only when the hybrid does not gate its sources
-    assert SpecGenerator(tiny_target, "bastion", drafter=hybrid, registry=registry).gate is None
-    assert SpecGenerator(tiny_target, "bastion", drafter=ungated, registry=registry).gate is not None
+    assert SpecGenerator(target, "bastion", drafter=hybrid, registry=registry, clock=clock).gate is None
+    assert SpecGenerator(target, "bastion", drafter=ungated, registry=registry, clock=clock).gate is not None
 
 
 # ---------------------------------------------------------------------- 4. the single-token path
@@ -193,7 +236,8 @@ def test_roofline_models_a_fast_single_token_path(single_token):
 
 
 # ---------------------------------------------------------------------- 5. per source in the simulator
-def test_simulator_gates_each_source_of_a_hybrid_trace_as_the_hybrid_does_live(tiny_target, reference, tmp_path):
+def test_simulator_gates_each_source_of_a_hybrid_trace_as_the_hybrid_does_live(tiny_target, reference, tmp_path,
+                                                                              clock):
     """A hybrid trace keeps each source's draft seconds; replaying BASTION over it skips only the slow
     useless source (keeping the fast good one), where one gate over the whole draft would fall back to ar."""
     import json
@@ -202,16 +246,17 @@ def test_simulator_gates_each_source_of_a_hybrid_trace_as_the_hybrid_does_live(t
     from specframe.simulate import record_trace, simulate
 
     registry = Registry(make_plugin_set(allow=set(), extra=[SourcesPlugin(reference)]))
-    hybrid = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False)
+    hybrid = HybridDrafter(target=tiny_target, registry=registry, sources="fast-oracle,slow-useless", gate=False,
+                           clock=clock)
     prompt = Prompt("p", "toy", text=" ".join(map(str, PROMPT)), chat=False)
     trace = tmp_path / "trace.jsonl"
-    record_trace(tiny_target, hybrid, [prompt] * 2, 150, trace, registry=registry, log=lambda m: None)
+    record_trace(tiny_target, hybrid, [prompt] * 2, 150, trace, registry=registry, log=lambda m: None, clock=clock)
     steps = [s for line in trace.read_text().splitlines() for s in json.loads(line)["steps"]]
-    assert all(len(s["draft_s_parts"]) == 2 and s["draft_s_parts"][1] > 0.015 > s["draft_s_parts"][0] for s in steps)
+    assert all(s["draft_s_parts"] == [0.0, pytest.approx(0.02)] for s in steps), steps[:2]
     (tmp_path / "flat.json").write_text(json.dumps({"points": [
         {"n": n, "c": c, "ms_median": 10.0 + 0.01 * n} for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) for c in (0, 1024)]}))
     res = simulate(trace, ["bastion", "best-first:8"], str(tmp_path / "flat.json"), tmp_path / "sim", tiny_target,
-                   registry)["datasets"]["toy"]
+                   registry, clock=clock)["datasets"]["toy"]
     # best-first pays the 20 ms source on every step (a 10 ms forward); BASTION drops it, keeps the oracle
     assert res["bastion"]["tau"] > 2.0 and res["bastion"]["speedup_vs_ar"] > 1.4 * res["best-first:8"]["speedup_vs_ar"], res
     # a trace without per-source times gets one gate over the whole draft: keep both sources or neither
@@ -221,5 +266,5 @@ def test_simulator_gates_each_source_of_a_hybrid_trace_as_the_hybrid_does_live(t
             del s["draft_s_parts"]
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     whole = simulate(trace, ["bastion"], str(tmp_path / "flat.json"), tmp_path / "sim2", tiny_target,
-                     registry)["datasets"]["toy"]["bastion"]
+                     registry, clock=clock)["datasets"]["toy"]["bastion"]
     assert whole["speedup_vs_ar"] < res["bastion"]["speedup_vs_ar"]

@@ -589,18 +589,78 @@ def test_observer_with_partial_arguments(tiny):
 
 def test_no_observers_no_hook_calls(tiny):
     gen = SpecGenerator(tiny, "ar", registry=Registry(make_plugin_set(allow=set())))
-    assert gen._step_observers == [] and gen._run_observers == []
+    assert not gen.observers.watching_steps and not gen.observers.watching_runs
+    calls = []
+    gen.registry.pm.add_hookcall_monitoring(lambda name, impls, kw: calls.append(name), lambda *a: None)
+    gen.generate(PROMPT_IDS, 3)
+    assert "on_step_end" not in calls and "on_run_end" not in calls
 
 
 def test_observer_raising_gives_plugin_error(tiny):
+    class Fine:
+        @hookimpl
+        def on_step_end(self, record, step):
+            pass
+
     class Broken:
         @hookimpl
         def on_step_end(self, record, step):
             raise RuntimeError("observer broke")
 
-    gen = SpecGenerator(tiny, "ar", registry=Registry(make_plugin_set(allow=set(), extra=[Broken()])))
-    with pytest.raises(PluginError, match="extra-0"):
+    def plugin(obj, name):
+        obj.__name__ = name
+        return obj
+
+    registry = Registry(make_plugin_set(allow=set(), extra=[plugin(Fine(), "fine"), plugin(Broken(), "broken")]))
+    gen = SpecGenerator(tiny, "ar", registry=registry)
+    with pytest.raises(PluginError, match=r"^plugin 'broken' in on_step_end failed: RuntimeError: observer broke$"):
         gen.generate(PROMPT_IDS, 3)
+
+
+def test_observers_follow_pluggys_calling_rules(tiny):
+    """Observer hooks go through pluggy's hook caller: ``tryfirst``/``trylast`` order the calls, and both
+    new-style (``wrapper=True``) and old-style (``hookwrapper=True``) wrappers run around them."""
+    order = []
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        def on_run_end(self, stats):
+            order.append("tryfirst")
+
+    class Late:
+        @hookimpl(trylast=True)
+        def on_run_end(self, stats):
+            order.append("trylast")
+
+    class Plain:
+        @hookimpl
+        def on_run_end(self, stats):
+            order.append("plain")
+
+    class NewWrapper:
+        @hookimpl(wrapper=True)
+        def on_run_end(self, stats):
+            order.append("wrapper:before")
+            result = yield
+            order.append("wrapper:after")
+            return result
+
+    class OldWrapper:
+        @hookimpl(hookwrapper=True)
+        def on_run_end(self, stats):
+            order.append("hookwrapper:before")
+            yield
+            order.append("hookwrapper:after")
+
+    # registered in an order that differs from the calling order pluggy defines
+    extra = [Late(), Plain(), Early(), OldWrapper(), NewWrapper()]
+    for i, obj in enumerate(extra):
+        obj.__name__ = f"observer-{i}"
+    gen = SpecGenerator(tiny, "ar", registry=Registry(make_plugin_set(allow=set(), extra=extra)))
+    gen.generate(PROMPT_IDS, 2)
+    # wrappers run outermost, the last registered first; then tryfirst, plain, trylast
+    assert order == ["wrapper:before", "hookwrapper:before", "tryfirst", "plain", "trylast",
+                     "hookwrapper:after", "wrapper:after"]
 
 
 def test_in_process_plugin_with_typo_is_reported():
