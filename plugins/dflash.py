@@ -35,8 +35,7 @@ from torch import nn
 from specframe import hookimpl
 from specframe.components import Draft, Drafter, EmptyDraft, MarginalDraft
 from specframe.errors import SpecframeError
-
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "specframe" / "drafters"
+from specframe.resources import shipped_drafters_dir
 
 
 @dataclass
@@ -375,11 +374,14 @@ class DFlashDrafter(Drafter):
         return F.log_softmax(F.linear(h[1:], self.head).float(), dim=-1)
 
     @classmethod
-    def available_for(cls, target) -> bool:
-        """``drafter=auto`` picks this drafter when specframe ships one for the target."""
-        return shipped_drafter(target) is not None
+    def availability(cls, target) -> tuple[bool, str]:
+        """``drafter=auto`` picks this drafter when specframe ships one for the target (and why not)."""
+        return shipped_availability(target)
 
     auto_priority = 10
+
+    def describe(self) -> str:
+        return f"dflash:{self.path}"
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         if max_depth <= 0:
@@ -392,14 +394,30 @@ class DFlashDrafter(Drafter):
 
 def shipped_drafter(target) -> Path | None:
     """The drafter shipped with specframe for ``target``, matched by the target's shape."""
-    if not SHIPPED_DIR.is_dir():
-        return None
-    for cfg_file in sorted(SHIPPED_DIR.glob("*/config.json")):
-        raw = json.loads(cfg_file.read_text())
-        fp = raw.get("target_fingerprint", {})
-        if fp and fp == target_fingerprint(target):
-            return cfg_file.parent
-    return None
+    return _find_shipped(target)[0]
+
+
+def shipped_availability(target) -> tuple[bool, str]:
+    """Whether a shipped drafter fits ``target``, and why (or why not) in words."""
+    path, reason = _find_shipped(target)
+    return path is not None, reason
+
+
+def _find_shipped(target) -> tuple[Path | None, str]:
+    root = shipped_drafters_dir()
+    configs = sorted(root.glob("*/config.json")) if root.is_dir() else []
+    if not configs:
+        return None, f"specframe's shipped drafters are missing from {root}; reinstall specframe"
+    want = target_fingerprint(target)
+    for cfg_file in configs:
+        fp = json.loads(cfg_file.read_text()).get("target_fingerprint", {})
+        if fp and fp == want:
+            if not (cfg_file.parent / "model.safetensors").is_file():
+                return None, f"shipped drafter {cfg_file.parent} has no model.safetensors; reinstall specframe"
+            return cfg_file.parent, f"shipped block drafter {cfg_file.parent} fits target '{target.name}'"
+    shape = ", ".join(f"{k} {v}" for k, v in want.items())
+    return None, (f"no shipped block drafter fits target '{target.name}' ({shape}); train one with "
+                  f"`specframe train-drafter` and pass it as --drafter dflash:PATH")
 
 
 def target_fingerprint(target) -> dict:

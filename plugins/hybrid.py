@@ -97,11 +97,16 @@ class HybridDrafter(Drafter):
         return self.gates is not None
 
     @classmethod
-    def available_for(cls, target) -> bool:
+    def availability(cls, target) -> tuple[bool, str]:
         """``auto`` picks the hybrid where a block drafter is shipped for the target."""
-        from specframe.plugins.dflash import shipped_drafter
+        from specframe.plugins.dflash import shipped_availability
 
-        return shipped_drafter(target) is not None
+        ok, reason = shipped_availability(target)
+        return ok, (f"prompt lookup + {reason}" if ok else reason)
+
+    def describe(self) -> str:
+        parts = [getattr(src, "describe", lambda n=name: n)() for src, name in zip(self.sources, self.source_names)]
+        return f"hybrid({', '.join(parts)})"
 
     def _feats(self, i: int, features: torch.Tensor | None) -> torch.Tensor | None:
         if features is None or not self.sources[i].feature_layers:

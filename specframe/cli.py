@@ -45,10 +45,46 @@ def cli(threads):
         torch.set_num_threads(threads)
 
 
+def generator_options(command):
+    """The options that choose and build a generator (``run``, ``serve``): policy, target, drafter, --set,
+    dtype, device."""
+    options = [
+        click.option("--policy", "-p", default=None, help="Policy bundle, optionally NAME:VALUE (e.g. best-first:32). See `specframe policies`."),
+        click.option("--target", "-m", default=None, help="Hub id, local directory, .gguf file, or smollm2-135m (the embedded default)."),
+        click.option("--drafter", default=None, help="Drafter name, or NAME:PATH for drafters that load a checkpoint."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a policy parameter (repeatable), e.g. --set budget=32 or --set surrogate=NAME."),
+        click.option("--dtype", default="float32", show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def check_generator_options(ctx, policy, drafter, overrides) -> tuple:
+    """Fail fast on unknown names, before loading a model: (registry, policy, parsed --set params)."""
+    from .engine import DEFAULT_POLICY, parse_overrides
+
+    registry = _registry(ctx)
+    policy = policy or DEFAULT_POLICY
+    registry.policy(policy.partition(":")[0])
+    if drafter is not None:
+        registry.get("drafter", drafter.partition(":")[0])
+    return registry, policy, parse_overrides(list(overrides))
+
+
+def load_generator(registry, policy, target, drafter, params, dtype, device):
+    """Load the target and build its generator, as ``run`` does."""
+    from .engine import SpecGenerator
+    from .target import Target, quiet_transformers
+
+    quiet_transformers()
+    tgt = Target.load(target, dtype=dtype, device=device)
+    return SpecGenerator(tgt, policy, drafter=drafter, params=params, registry=registry)
+
+
 @cli.command()
-@click.option("--policy", "-p", default=None, help="Policy bundle, optionally NAME:VALUE (e.g. best-first:32). See `specframe policies`.")
-@click.option("--target", "-m", default=None, help="Hub id, local directory, .gguf file, or smollm2-135m (the embedded default).")
-@click.option("--drafter", default=None, help="Drafter name, or NAME:PATH for drafters that load a checkpoint.")
+@generator_options
 @click.option("--prompt", default=None, help="Prompt text (default: a short demo question).")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True), default=None, help="Read the prompt from a file ('-' = stdin).")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
@@ -57,36 +93,26 @@ def cli(threads):
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=int, default=None)
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the model's chat template (default: when it has one).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a policy parameter (repeatable), e.g. --set budget=32 or --set surrogate=NAME.")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats} as JSON instead of streaming.")
 @click.pass_context
 def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
         overrides, dtype, device, as_json):
     """Generate text with speculative decoding and print a one-line stats summary."""
     from .components import SamplingParams
-    from .engine import DEFAULT_POLICY, SpecGenerator, parse_overrides
-    from .target import Target, quiet_transformers
 
-    registry = _registry(ctx)
-    policy = policy or DEFAULT_POLICY
-    registry.policy(policy.partition(":")[0])  # fail fast, before loading a model
-    if drafter is not None:
-        registry.get("drafter", drafter.partition(":")[0])
+    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides)
     if max_new_tokens <= 0:
         raise SpecframeError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # validates
-    params = parse_overrides(list(overrides))
     if prompt is not None and prompt_file is not None:
         raise SpecframeError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         prompt = sys.stdin.read() if prompt_file == "-" else _read(prompt_file)
     prompt = DEMO_PROMPT if prompt is None else prompt
 
-    quiet_transformers()
-    tgt = Target.load(target, dtype=dtype, device=device)
-    gen = SpecGenerator(tgt, policy, drafter=drafter, params=params, registry=registry)
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device)
+    tgt = gen.target
+    say_auto_fallbacks(gen)
     if as_json:
         out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         click.echo(json.dumps(out.to_dict()))
@@ -104,6 +130,42 @@ def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, tempe
         f"{s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f} · {s.steps} steps · mean tree {s.mean_tree_size:.1f} nodes{skipped}]",
         err=True,
     )
+
+
+def say_auto_fallbacks(gen) -> None:
+    """One line on stderr when ``auto`` fell back to a lesser drafter, saying what it chose and why."""
+    why = gen.components.notes.get("drafter")
+    if why and gen.components.names["drafter"] == "ngram":
+        click.echo(f"specframe: drafter auto -> ngram: {why}", err=True)
+
+
+@cli.command()
+@generator_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="SPECFRAME_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ (also $SPECFRAME_API_KEY).")
+@click.option("--served-model-name", default=None, help="The model name clients send (default: --target, or smollm2-135m).")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests that may wait behind the one being generated; beyond that, 503.")
+@click.option("--default-max-tokens", type=int, default=256, show_default=True, help="Chat completion length when a request sets none.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.pass_context
+def serve(ctx, policy, target, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
+          default_max_tokens, log_level):
+    """Serve the generator over an OpenAI-compatible HTTP API (chat, completions, models, metrics)."""
+    from .target import DEFAULT_TARGET
+
+    if max_queue <= 0 or default_max_tokens <= 0:
+        raise SpecframeError("--max-queue and --default-max-tokens must be positive")
+    if not 0 <= port <= 65535:
+        raise SpecframeError(f"--port must be in 0..65535, got {port}")
+    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides)
+    from .serve import create_app, serve as run_server  # after the checks: FastAPI loads in about a second
+
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device)
+    name = served_model_name or target or DEFAULT_TARGET
+    app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens)
+    click.echo(f"specframe: serving '{name}' with policy {gen.policy_name} on http://{host}:{port}/v1", err=True)
+    run_server(app, host=host, port=port, log_level=log_level)
 
 
 def _read(path: str) -> str:
@@ -382,15 +444,29 @@ def plugins(ctx, as_json):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--target", "-m", default=None,
+              help="Also resolve each policy against this target (as for `run`; 'smollm2-135m' = the embedded "
+                   "default): which drafter `auto` picks and why.")
 @click.pass_context
-def policies(ctx, as_json):
+def policies(ctx, as_json, target):
     """List policy bundles and their components."""
     registry = _registry(ctx)
+    tgt = None
+    if target is not None:
+        from .target import Target, quiet_transformers
+
+        quiet_transformers()
+        tgt = Target.load(target)
     rows = []
     for name in registry.names("policy"):
         spec, plugin = registry.policies[name]
-        rows.append({"name": name, "plugin": plugin, "description": spec.description, **spec.components(),
-                     "params": spec.params, "shorthand": spec.shorthand})
+        row = {"name": name, "plugin": plugin, "description": spec.description, **spec.components(),
+               "params": spec.params, "shorthand": spec.shorthand}
+        if tgt is not None:
+            from .engine import SpecGenerator
+
+            row["resolved"] = {"target": tgt.name, **SpecGenerator(tgt, name, registry=registry).described}
+        rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -398,6 +474,11 @@ def policies(ctx, as_json):
         click.echo(f"{row['name']}: {row['description']}")
         comps = " · ".join(f"{k.replace('_', '-')} {row[k]}" for k in COMPONENT_KINDS)
         click.echo(f"    {comps}")
+        if "resolved" in row:
+            res = row["resolved"]
+            shown = res["details"].get("drafter", res["names"]["drafter"])
+            why = f" ({res['auto']['drafter']})" if "drafter" in res["auto"] else ""
+            click.echo(f"    on {res['target']}: drafter {shown}{why}")
         if row["params"]:
             click.echo(f"    defaults: {', '.join(f'{k}={v}' for k, v in row['params'].items())}")
         if row["shorthand"]:

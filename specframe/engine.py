@@ -8,6 +8,7 @@ would produce (greedy: token for token; sampling: in distribution) whatever the 
 from __future__ import annotations
 
 import ast
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .registry import COMPONENT_KINDS, PolicySpec, Registry
 from .target import Target
 from .tree import Tree, validate_tree
 
+log = logging.getLogger("specframe")
 DEFAULT_POLICY = "bastion"
 COMPONENT_ALIASES = {"cost-model": "cost_model", "costmodel": "cost_model", "expansion-policy": "expansion"}
 
@@ -49,9 +51,13 @@ class Generation:
     text: str
     prompt_ids: list[int]
     stats: RunStats
+    components: dict | None = None  # what ran: names, details, and why ``auto`` chose what it chose
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.summary()}
+        out = {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.summary()}
+        if self.components is not None:
+            out["components"] = self.components
+        return out
 
 
 @dataclass
@@ -65,6 +71,16 @@ class Components:
     expansion: ExpansionPolicy
     names: dict[str, str]
     notes: dict[str, str]  # component -> why ``auto`` chose it (only for components resolved by ``auto``)
+
+    def describe(self) -> dict:
+        """Names as resolved, each component's own description where it gives one (a drafter's checkpoint
+        path, a hybrid's sources), and the ``auto`` choices' reasons — for ``--json`` output and logs."""
+        details = {}
+        for comp in ("drafter", "surrogate", "cost_model", "expansion"):
+            describe = getattr(getattr(self, comp), "describe", None)
+            if callable(describe):
+                details[comp] = str(describe())
+        return {"policy": self.policy.name, "names": dict(self.names), "details": details, "auto": dict(self.notes)}
 
 
 def parse_value(text: str):
@@ -206,7 +222,8 @@ def _availability(name: str, factory, target: Target) -> tuple[bool, str] | None
     except SpecframeError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise PluginError(f"drafter '{name}' failed in available_for: {type(err).__name__}: {err}") from err
+        method = "availability" if explain is not None else "available_for"
+        raise PluginError(f"drafter '{name}' failed in {method}: {type(err).__name__}: {err}") from err
     return None
 
 
@@ -271,6 +288,9 @@ class SpecGenerator:
         self.clock = clock  # every timing of the loop, the gates and calibration reads this one clock
         self.components = resolve_components(self.registry, target, policy, drafter, params, strict_params,
                                              clock=clock, **objects)
+        self.described = self.components.describe()
+        for comp, why in self.components.notes.items():
+            log.info("%s auto -> %s: %s", comp, self.components.names[comp], why)
         self.max_tree_nodes = max_tree_nodes
         self._verifiers: dict[SamplingParams, Verifier] = {}
         self.observers = Observers(self.registry.pm)
@@ -392,7 +412,7 @@ class _Run:
         self.stats.new_tokens = len(out)
         self.stats.wall_s = clock() - t0
         self.gen.observers.run_end(self.stats)
-        return Generation(out, self.t.decode(out), list(self.ids), self.stats)
+        return Generation(out, self.t.decode(out), list(self.ids), self.stats, self.gen.described)
 
     def _timer(self, session):
         """``measure(n)``: seconds of one real verification of an n-token chain at the current context."""
