@@ -48,9 +48,12 @@ class ForwardOut:
 
 
 class Target:
-    """A loaded causal LM plus its tokenizer. Build once; start one :class:`TargetSession` per request."""
+    """A loaded causal LM plus its tokenizer. Build once; start one :class:`TargetSession` per request.
 
-    def __init__(self, model, tokenizer, name: str = "model"):
+    ``tokenizer`` may be ``None`` (token ids in, token ids out, as research code often has it): prompts
+    must then be token ids, and the text of every generation is the empty string."""
+
+    def __init__(self, model, tokenizer=None, name: str = "model"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -102,6 +105,9 @@ class Target:
     def encode(self, text: str, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids of ``text``; with ``chat`` (default: when the tokenizer has a chat template) the
         text is wrapped as one user turn with the generation prompt."""
+        if self.tokenizer is None:
+            raise SpecframeError(f"target '{self.name}' has no tokenizer: give the prompt as token ids, or build "
+                                 f"the Target with a tokenizer")
         if chat is None:
             chat = self.has_chat_template
         if chat:
@@ -114,12 +120,17 @@ class Target:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
+        if not self.has_chat_template:
+            raise SpecframeError(f"target '{self.name}' has no chat template; give a plain prompt")
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return [int(t) for t in out]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; the empty string for a target without a tokenizer."""
+        if self.tokenizer is None:
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property

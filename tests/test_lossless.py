@@ -458,3 +458,17 @@ def test_outcome_probabilities_equal_an_independent_monte_carlo_estimate():
     for key, p in exact.items():
         se = math.sqrt(p * (1 - p) / n)
         assert abs(counts.get(key, 0) / n - p) < 5 * se + 1e-3, key
+
+
+def test_a_target_without_a_tokenizer_works_with_token_ids(tiny_model):
+    """Token ids in, token ids out: no tokenizer needed; text prompts get one clear error."""
+    from specframe import SpecGenerator, Target
+    from specframe.errors import SpecframeError
+    from conftest import plain_greedy
+
+    target = Target(tiny_model, None, name="ids-only")
+    prompt = [5, 17, 3, 9, 44, 2]
+    out = SpecGenerator(target, "bastion").generate(prompt, 12)
+    assert out.token_ids == plain_greedy(tiny_model, prompt, 12) and out.text == ""
+    with pytest.raises(SpecframeError, match="^target 'ids-only' has no tokenizer: give the prompt as token ids"):
+        SpecGenerator(target, "ar").generate("hello", 4)
