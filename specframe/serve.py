@@ -1,0 +1,680 @@
+"""``specframe serve``: an OpenAI-compatible HTTP server with speculative decoding.
+
+Built on FastAPI (routing, pydantic request models, server-sent events), uvicorn (the HTTP server) and
+``prometheus_client`` (``/metrics``). The engine generates one sequence at a time, so requests queue in
+order behind ONE worker thread that owns the :class:`~specframe.engine.SpecGenerator` (its target, its
+policy's components and their learned calibration are shared by every request):
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` for server-sent events),
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format; the speculative counters
+  carry vLLM's names: ``vllm:spec_decode_num_drafts``, ``..._num_draft_tokens``, ``..._num_accepted_tokens``,
+  ``..._num_accepted_tokens_per_pos``).
+
+A bounded queue answers 503 with ``Retry-After`` when full; a client that disconnects stops its generation
+at the next step. Bad input gets a 4xx with an OpenAI-shaped body ``{"error": {message, type, param, code}}``.
+
+>>> app = create_app(SpecGenerator(target, "bastion"), model_name="my-model")   # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .components import StepRecord
+from .engine import Observers, SpecGenerator
+from .errors import SpecframeError
+from .hookspecs import hookimpl
+
+DEFAULT_MAX_TOKENS = 256  # when a request gives neither max_tokens nor max_completion_tokens
+DEFAULT_MAX_QUEUE = 64
+RETRY_AFTER_S = 1
+_WAIT_S = 0.25  # how often a waiting non-streaming request checks whether its client is still there
+
+
+# ---------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def validation_error(err: RequestValidationError) -> APIError:
+    """The first pydantic/JSON error of a request, as one line naming the field."""
+    first = (err.errors() or [{}])[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    kind = first.get("type", "")
+    message = str(first.get("msg", "invalid request"))
+    if kind == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}",
+                        code="invalid_json")
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    if kind == "missing":
+        return APIError(400, f"'{where}' is required", param=param, code="missing_field")
+    return APIError(400, f"{where}: {message.removeprefix('Value error, ')}", param=param, code="invalid_value")
+
+
+# ---------------------------------------------------------------------- request models
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def as_template_dict(self) -> dict[str, str]:
+        """``{role, content}`` for the chat template (content parts joined; developer → system)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class _Sampling(BaseModel):
+    """The fields both endpoints share, as the OpenAI API defines them (plus ``top_k``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="extension: 0 disables it")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported (the engine generates one sequence per request), got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    def token_limit(self) -> tuple[int | None, str]:
+        """(the limit the client set, or None; the field it came from)."""
+        return (self.max_tokens if "max_tokens" in self.model_fields_set else None), "max_tokens"
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+
+    def token_limit(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, gt=0)  # the OpenAI default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ValueError(f"only one prompt per request is supported, got {len(prompt)}")
+            return prompt[0]
+        return prompt
+
+
+# ---------------------------------------------------------------------- incremental text
+class TextStream:
+    """Turns committed token ids into text deltas that never split a character or run into a stop string.
+
+    Decodes the whole id list each time and releases only the part that is final: a trailing U+FFFD (an
+    incomplete multi-byte character) and any tail that could still become a stop string are held back.
+    Once a stop string appears the text is cut before it, exactly where plain decoding + that stop would
+    cut it, and :attr:`stopped` turns true."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] | None = None):
+        self.decode, self.stops = decode, list(stops or [])
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self.kept_tokens = 0  # with a stop: the fewest tokens whose text contains it
+
+    def push(self, new_ids: list[int]) -> str:
+        """Add one step's tokens; return the text that is now safe to send."""
+        before = len(self.ids)
+        self.ids += new_ids
+        text = self.decode(self.ids)
+        if self._stop_at(text) is not None:  # cut where plain decoding would: at the first token completing a stop
+            self.stopped = True
+            self.kept_tokens = self._tokens_until_stop(before)
+            upto = self.decode(self.ids[: self.kept_tokens])
+            return self._release(upto[: self._stop_at(upto)])
+        return self._release(self._hold_back(text.rstrip("\ufffd")))
+
+    def finish(self) -> str:
+        """The rest of the text after the last step."""
+        if self.stopped:
+            return ""
+        return self._release(self.decode(self.ids))
+
+    @property
+    def text(self) -> str:
+        return self.sent
+
+    @property
+    def token_count(self) -> int:
+        return self.kept_tokens if self.stopped else len(self.ids)
+
+    def _release(self, stable: str) -> str:
+        if not stable.startswith(self.sent):  # a decoder that rewrote earlier text: wait for the end
+            return ""
+        delta, self.sent = stable[len(self.sent):], stable
+        return delta
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def _hold_back(self, text: str) -> str:
+        """``text`` without its longest tail that is a proper prefix of a stop string."""
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:n]):
+                    hold = n
+                    break
+        return text[: len(text) - hold] if hold else text
+
+    def _tokens_until_stop(self, start: int) -> int:
+        for k in range(max(start, 1), len(self.ids) + 1):
+            if self._stop_at(self.decode(self.ids[:k])) is not None:
+                return k
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------------- metrics
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self, model: str):
+        self.registry = reg = CollectorRegistry()
+        self.model = model
+        labels = ["model_name"]
+        self.http = Counter("specframe:http_requests", "HTTP requests answered, by route and status.",
+                            ["route", "status"], registry=reg)
+        self.success = Counter("vllm:request_success", "Finished requests, by finish reason (stop, length, abort).",
+                               labels + ["finished_reason"], registry=reg)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=reg)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated (as returned to clients).",
+                                         labels, registry=reg)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting in the queue.", labels, registry=reg)
+        self.running = Gauge("vllm:num_requests_running", "Requests being generated (0 or 1).", labels, registry=reg)
+        self.drafts = Counter("vllm:spec_decode_num_drafts", "Steps that verified a draft (a tree beyond its root).",
+                              labels, registry=reg)
+        self.draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified (tree nodes beyond "
+                                    "the root).", labels, registry=reg)
+        self.accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", labels,
+                                       registry=reg)
+        self.accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                        "Accepted draft tokens per position (depth - 1).", labels + ["position"],
+                                        registry=reg)
+        self.steps = Counter("specframe:steps", "Target forwards (decoding steps), drafted or not.", labels, registry=reg)
+        self.tau = Gauge("specframe:mean_acceptance_length", "Tokens per target forward incl. the bonus token (tau), "
+                         "over every step so far.", labels, registry=reg)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.", labels,
+                              registry=reg, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", labels,
+                             registry=reg, buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting in the queue.", labels,
+                                    registry=reg, buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self._steps = self._accepted = 0
+
+    def observe_steps(self, records: list[StepRecord]) -> None:
+        m = self.model
+        for r in records:
+            self.steps.labels(m).inc()
+            if r.tree_size > 1:
+                self.drafts.labels(m).inc()
+                self.draft_tokens.labels(m).inc(r.tree_size - 1)
+                self.accepted_tokens.labels(m).inc(r.accepted)
+                for pos in range(r.accepted):
+                    self.accepted_per_pos.labels(m, str(pos)).inc()
+            self._steps += 1
+            self._accepted += r.accepted
+        if self._steps:
+            self.tau.labels(m).set((self._steps + self._accepted) / self._steps)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- the worker
+class _Cancelled(Exception):
+    """Raised from the stream callback to end a generation early (client gone, or a stop string)."""
+
+
+@dataclass
+class Job:
+    """One request for the worker. ``emit`` is called from the worker thread with each event:
+    ``("delta", text)``, then ``("done", Result)`` or ``("error", APIError)``."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stops: list[str]
+    emit: Callable[[tuple], None]
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    records: list[StepRecord]
+    seconds: float  # from the job's start to its end (queue time excluded)
+    ttft_s: float | None  # from arrival to the first token
+
+    def usage(self) -> dict:
+        n = len(self.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def stats(self) -> dict:
+        """The ``specframe`` field: τ, steps, mean tree size and speed of this request."""
+        steps = len(self.records)
+        return {
+            "tau": round(sum(r.accepted + 1 for r in self.records) / steps, 4) if steps else 0.0,
+            "steps": steps,
+            "mean_tree_size": round(sum(r.tree_size for r in self.records) / steps, 3) if steps else 0.0,
+            "tokens_per_s": round(len(self.token_ids) / self.seconds, 3) if self.seconds > 0 else 0.0,
+            "seconds": round(self.seconds, 4),
+            "time_to_first_token_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+            "token_ids": self.token_ids,
+        }
+
+
+class _StepRecorder:
+    """An ``on_step_end`` observer that hands the worker every step record of the current request."""
+
+    def __init__(self):
+        self.records: list[StepRecord] | None = None
+
+    @hookimpl
+    def on_step_end(self, record, step):
+        if self.records is not None:
+            self.records.append(record)
+
+
+class Worker:
+    """The one thread that owns the generator; jobs wait in a bounded FIFO queue."""
+
+    def __init__(self, generator: SpecGenerator, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE):
+        if max_queue <= 0:
+            raise SpecframeError(f"--max-queue must be positive, got {max_queue}")
+        self.gen, self.metrics = generator, metrics
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.recorder = _StepRecorder()
+        generator.registry.pm.register(self.recorder, name=f"specframe-serve-{id(self.recorder)}")
+        generator.observers = Observers(generator.registry.pm)  # observers are resolved once per generator
+        metrics.waiting.labels(metrics.model).set_function(self.queue.qsize)
+        metrics.running.labels(metrics.model).set_function(lambda: int(self.busy))
+        self.thread = threading.Thread(target=self._loop, name="specframe-serve-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; a full queue is a 503 with ``Retry-After``."""
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy: {self.queue.maxsize} requests are already waiting; retry later",
+                           code="queue_full", kind="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            self.busy = True
+            try:
+                self._run(job)
+            finally:
+                self.busy = False
+
+    def _run(self, job: Job) -> None:
+        m, name = self.metrics, self.metrics.model
+        started = time.perf_counter()
+        m.queue_time.labels(name).observe(started - job.arrived)
+        text = TextStream(self.gen.target.decode, job.stops)
+        first: list[float] = []
+
+        def on_step(ids: list[int]) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            if not first:
+                first.append(time.perf_counter())
+            delta = text.push(ids)
+            if delta:
+                job.emit(("delta", delta))
+            if text.stopped:
+                raise _Cancelled
+
+        records: list[StepRecord] = []
+        self.recorder.records = records
+        reason = "abort"
+        try:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            out = self.gen.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
+                                    top_p=job.top_p, seed=job.seed, stream=on_step)
+            eos = bool(out.token_ids) and out.token_ids[-1] in self.gen.target.eos_token_ids
+            reason = "stop" if eos else "length"
+        except _Cancelled:
+            reason = "stop" if text.stopped else "abort"
+        except SpecframeError as err:
+            job.emit(("error", APIError(400, str(err), code="generation_failed")))
+        except Exception as err:  # noqa: BLE001 - the worker must survive anything; the client gets one line
+            job.emit(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error",
+                                        code="internal_error")))
+        finally:
+            self.recorder.records = None
+        m.observe_steps(records)
+        if reason == "abort":
+            m.success.labels(name, "abort").inc()
+            m.generation_tokens.labels(name).inc(text.token_count)
+            return
+        delta = text.finish()
+        if delta:
+            job.emit(("delta", delta))
+        ended = time.perf_counter()
+        result = Result(text.text, text.ids[: text.token_count], reason, len(job.prompt_ids), records,
+                        ended - started, None if not first else first[0] - job.arrived)
+        m.success.labels(name, reason).inc()
+        m.prompt_tokens.labels(name).inc(result.prompt_tokens)
+        m.generation_tokens.labels(name).inc(len(result.token_ids))
+        if result.ttft_s is not None:
+            m.ttft.labels(name).observe(result.ttft_s)
+        m.e2e.labels(name).observe(ended - job.arrived)
+        job.emit(("done", result))
+
+
+# ---------------------------------------------------------------------- the app
+def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """An OpenAI-compatible FastAPI app around a built generator (served as ``model_name``)."""
+    name = model_name or generator.target.name
+    metrics = Metrics(name)
+    worker = Worker(generator, metrics, max_queue)
+    app = FastAPI(title="specframe", description="OpenAI-compatible speculative decoding server")
+    app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, name
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        return validation_error(err).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return APIError(err.status_code, str(err.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error",
+                        code="internal_error").response()
+
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "policy": generator.policy_name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "specframe"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model, name)
+        if not generator.target.has_chat_template:
+            raise APIError(400, f"model '{name}' has no chat template; send a prompt to /v1/completions", "messages",
+                           "no_chat_template")
+        try:
+            ids = generator.target.encode_messages([m.as_template_dict() for m in body.messages])
+        except Exception as err:  # noqa: BLE001 - a template that rejects these messages
+            raise APIError(400, f"the chat template rejected these messages: {err}", "messages", "invalid_messages") from err
+        return await respond(request, body, ids, "messages", chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model, name)
+        if isinstance(body.prompt, str):
+            ids = generator.target.encode(body.prompt, chat=False)
+        else:
+            ids = list(body.prompt)
+            bad = [t for t in ids if not 0 <= t < generator.target.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {generator.target.vocab_size})",
+                               "prompt", "invalid_value")
+        return await respond(request, body, ids, "prompt", chat=False)
+
+    async def respond(request: Request, body: _Sampling, ids: list[int], prompt_field: str, chat: bool):
+        job, events = make_job(body, ids, prompt_field)
+        worker.submit(job)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        shape = _Shape(ident, name, int(time.time()), chat)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(stream_events(job, events, shape, usage), headers={"Cache-Control": "no-cache"})
+        return await complete(request, job, events, shape)
+
+    def make_job(body: _Sampling, ids: list[int], prompt_field: str) -> tuple[Job, asyncio.Queue]:
+        if not ids:
+            raise APIError(400, f"'{prompt_field}' is empty", prompt_field, "invalid_value")
+        context = generator.target.max_context
+        room = context - len(ids)
+        limit, field_name = body.token_limit()
+        default = body.max_tokens or default_max_tokens  # completions default to 16 tokens, as OpenAI's do
+        if room <= 0:
+            raise APIError(400, f"'{prompt_field}' is {len(ids)} tokens, but this model's context is {context} tokens",
+                           prompt_field, "context_length_exceeded")
+        if limit is not None and limit > room:
+            raise APIError(400, f"{field_name} ({limit}) + the prompt ({len(ids)} tokens) exceeds this model's context "
+                                f"of {context} tokens", field_name, "context_length_exceeded")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                job.cancelled.set()
+
+        job = Job(ids, limit or min(default, room), body.temperature, body.top_p, body.top_k, body.seed,
+                  list(body.stop or []), emit)
+        return job, events
+
+    async def complete(request: Request, job: Job, events: asyncio.Queue, shape: "_Shape"):
+        parts: list[str] = []
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(events.get(), _WAIT_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return PlainTextResponse("", status_code=499)
+                continue
+            if kind == "delta":
+                parts.append(value)
+            elif kind == "error":
+                raise value
+            else:
+                return shape.full(value)
+
+    async def stream_events(job: Job, events: asyncio.Queue, shape: "_Shape", include_usage: bool):
+        try:
+            if shape.chat:  # the assistant's role comes first, as OpenAI streams it
+                yield _sse(shape.chunk("", role=True, usage=include_usage))
+            while True:
+                kind, value = await events.get()
+                if kind == "delta":
+                    yield _sse(shape.chunk(value, usage=include_usage))
+                elif kind == "error":
+                    yield _sse(value.body())
+                    break
+                else:
+                    yield _sse(shape.chunk("", finish=value, usage=include_usage))
+                    if include_usage:
+                        yield _sse(shape.usage_chunk(value))
+                    break
+            yield format_sse_event(data_str="[DONE]")
+        finally:  # done, or the client went away (the task is cancelled): stop at the next step
+            job.cancelled.set()
+
+    return app
+
+
+_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+
+
+class _Guard:
+    """ASGI middleware: counts every answer by route and status; with an API key, answers 401 on /v1/
+    unless the request sends ``Authorization: Bearer KEY``. (Pure ASGI, so streaming and disconnects pass
+    through untouched.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        if self.api_key is not None and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            refusal = APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+            return await refusal.response()(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+    def _authorized(self, scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """A request may omit ``model``; a name other than the served one is a 404 (as OpenAI answers)."""
+    if requested is not None and requested != served:
+        raise APIError(404, f"the model '{requested}' does not exist; this server serves '{served}'", "model",
+                       "model_not_found")
+
+
+def _sse(payload: dict) -> bytes:
+    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False))
+
+
+@dataclass
+class _Shape:
+    """Builds the OpenAI response objects of one request (chat or text completion)."""
+
+    ident: str
+    model: str
+    created: int
+    chat: bool
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.ident, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, result: Result) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                      "finish_reason": result.finish_reason}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [choice], "usage": result.usage(), "specframe": result.stats()}
+
+    def chunk(self, text: str, *, role: bool = False, finish: Result | None = None, usage: bool = False) -> dict:
+        reason = None if finish is None else finish.finish_reason
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if role else ({"content": text} if text or
+                                                                                        finish is None else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        out = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if usage:
+            out["usage"] = None
+        if finish is not None:
+            out["specframe"] = finish.stats()
+        return out
+
+    def usage_chunk(self, result: Result) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": result.usage()}
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted; the worker stops with it."""
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        app.state.worker.stop()
