@@ -14,6 +14,8 @@ attends to the committed prefix plus its own ancestors (and itself).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -142,26 +144,23 @@ def validate_tree(tree: Tree, vocab_size: int, who: str) -> None:
     fields = (tree.parents, tree.depths, tree.logq)
     if n == 0 or any(t.shape != (n,) for t in fields):
         raise InvalidTreeError(f"{who} produced a malformed tree (empty or fields of different lengths)")
-    parents = tree.parents
-    if int(parents[0]) != -1:
-        raise InvalidTreeError(f"{who} produced a tree whose node 0 is not the root (parent {int(parents[0])})")
-    idx = torch.arange(n)
-    bad = (parents[1:] < 0) | (parents[1:] >= idx[1:])
-    if bool(bad.any()):
-        i = int(idx[1:][bad][0])
-        raise InvalidTreeError(
-            f"{who} produced an invalid tree: node {i} has parent {int(parents[i])} (must be in [0, {i}))"
-        )
-    if int(tree.depths[0]) != 0 or bool((tree.depths[1:] != tree.depths[parents[1:]] + 1).any()):
+    # plain lists: a step's tree is small, and one tensor op costs more than a loop over it
+    parents, depths, tokens = tree.parents.tolist(), tree.depths.tolist(), tree.tokens.tolist()
+    if parents[0] != -1:
+        raise InvalidTreeError(f"{who} produced a tree whose node 0 is not the root (parent {parents[0]})")
+    for i in range(1, n):
+        if not 0 <= parents[i] < i:
+            raise InvalidTreeError(
+                f"{who} produced an invalid tree: node {i} has parent {parents[i]} (must be in [0, {i}))"
+            )
+    if depths[0] != 0 or any(depths[i] != depths[parents[i]] + 1 for i in range(1, n)):
         raise InvalidTreeError(f"{who} produced a tree whose depths do not match its parents")
-    out = (tree.tokens < 0) | (tree.tokens >= vocab_size)
-    if bool(out.any()):
-        i = int(idx[out][0])
-        raise InvalidTreeError(
-            f"{who} produced token {int(tree.tokens[i])} at node {i}, outside the vocabulary [0, {vocab_size})"
-        )
-    if not bool(torch.isfinite(tree.logq).all()):
+    for i, tok in enumerate(tokens):
+        if not 0 <= tok < vocab_size:
+            raise InvalidTreeError(
+                f"{who} produced token {tok} at node {i}, outside the vocabulary [0, {vocab_size})"
+            )
+    if not all(map(math.isfinite, tree.logq.tolist())):
         raise InvalidTreeError(f"{who} produced NaN or infinite draft log-probabilities")
-    keys = parents[1:] * vocab_size + tree.tokens[1:]
-    if keys.numel() != torch.unique(keys).numel():
+    if len(set(zip(parents[1:], tokens[1:]))) != n - 1:
         raise InvalidTreeError(f"{who} produced a tree with two siblings carrying the same token")
