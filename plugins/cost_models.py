@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from specframe import hookimpl
+from specframe import fit
 from specframe.fit import isotonic
 from specframe.components import CostModel
 from specframe.errors import SpecframeError
@@ -77,40 +78,13 @@ class ModelShape:
         return weights + kv + acts
 
 
-def _fit_line(x: np.ndarray, t: np.ndarray, w: np.ndarray, prior: tuple[float, float]) -> tuple[float, float]:
-    """Non-negative weighted least squares t ≈ a·x + b, robust (Huber on relative residuals)."""
-    if len(x) == 0:
-        return prior
-    if len(x) < 2 or np.ptp(x) <= 1e-12 * max(abs(x).max(), 1e-30):
-        a = prior[0]
-        b = max(float(np.average(t - a * x, weights=w)), 0.0)
-        return a, b
-    a, b = prior
-    for _ in range(3):
-        rel = (a * x + b - t) / t
-        huber = np.minimum(1.0, 0.1 / np.maximum(np.abs(rel), 1e-12))
-        ww = w * huber / t**2
-        sw, sx, st = ww.sum(), (ww * x).sum(), (ww * t).sum()
-        sxx, sxt = (ww * x * x).sum(), (ww * x * t).sum()
-        det = sw * sxx - sx * sx
-        if det <= 0:
-            break
-        a = (sw * sxt - sx * st) / det
-        b = (sxx * st - sx * sxt) / det
-        if a < 0:
-            a, b = 0.0, st / sw
-        elif b < 0:
-            a, b = sxt / sxx, 0.0
-    return float(a), float(b)
-
-
 class Roofline(CostModel):
     """C(n; c) = max(α_c·FLOPs/peak + β_c, α_m·Bytes/BW + β_m), calibrated online.
 
     Seeded at start-up by a few timed forwards (``calibrate_sizes``), then refit from every measured
     verification: a robust (Huber, relative-error) non-negative fit of each branch on the points where it
-    is the active one, over a bounded window of recent observations with exponential forgetting, so it
-    tracks the machine it runs on.
+    is the active one (:func:`specframe.fit.robust_line`), over a bounded window of recent observations
+    with exponential forgetting, so it tracks the machine it runs on.
 
     Many runtimes run a single-token forward on a separate, faster path (matrix-vector kernels on a CPU,
     decode kernels on some GPUs), so the time of n = 1 is not on the lines fitted for n ≥ 2. With
@@ -200,15 +174,25 @@ class Roofline(CostModel):
         age = np.arange(len(t))[::-1]
         w = 0.5 ** (age / self.half_life)
         params = (self.alpha_c, self.beta_c, self.alpha_m, self.beta_m)
+        self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = self.fit_branches(f, m, t, w, params)
+        self._refit_single()
+
+    def fit_branches(self, f: np.ndarray, m: np.ndarray, t: np.ndarray, w: np.ndarray,
+                     params: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """(α_c, β_c, α_m, β_m) fitted to seconds ``t`` with weights ``w`` at compute features ``f`` and
+        memory features ``m``, from ``params``: each point goes to the branch that is the larger under the
+        current lines, each branch is fitted on its points (:func:`specframe.fit.robust_line`), and again
+        until no point changes branch (at most 4 rounds)."""
+        assigned = None
         for _ in range(4):
             comp = params[0] * f + params[1] >= params[2] * m + params[3]
-            ac, bc = _fit_line(f[comp], t[comp], w[comp], params[:2])
-            am, bm = _fit_line(m[~comp], t[~comp], w[~comp], params[2:])
-            if (ac, bc, am, bm) == params:
-                break
+            if assigned is not None and np.array_equal(comp, assigned):
+                break  # the same points on each branch: the same fits again
+            assigned = comp
+            ac, bc = fit.robust_line(f[comp], t[comp], w[comp], params[:2])
+            am, bm = fit.robust_line(m[~comp], t[~comp], w[~comp], params[2:])
             params = (ac, bc, am, bm)
-        self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = params
-        self._refit_single()
+        return params
 
     def _refit_single(self) -> None:
         """n = 1: weighted median (recent first) of measured / line-predicted ratios, so the single-token

@@ -3,20 +3,54 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import isotonic_regression, nnls
 
 
 def isotonic(y, w=None) -> np.ndarray:
-    """Weighted pool-adjacent-violators: the non-decreasing sequence closest to ``y`` in weighted L2."""
+    """The non-decreasing sequence closest to ``y`` in weighted L2 (weights ``w`` > 0, default 1):
+    :func:`scipy.optimize.isotonic_regression` (pool adjacent violators)."""
     y = np.asarray(y, dtype=float)
-    w = np.ones_like(y) if w is None else np.asarray(w, dtype=float)
-    blocks: list[list[float]] = []  # [mean, weight, length]
-    for v, wt in zip(y.tolist(), w.tolist()):
-        blocks.append([v, wt, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, n2 = blocks.pop()
-            m1, w1, n1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.concatenate([[m] * n for m, _, n in blocks]) if blocks else y
+    if y.size == 0:
+        return y
+    weights = None if w is None else np.asarray(w, dtype=float)
+    return isotonic_regression(y, weights=weights, increasing=True).x
+
+
+def relative_huber_loss(a: float, b: float, x, t, w, delta: float = 0.1) -> float:
+    """Σ wᵢ·huber_δ(rᵢ) with rᵢ = (a·xᵢ + b − tᵢ) / tᵢ, the relative error of the line a·x + b, and
+    huber_δ(r) = r²/2 for |r| ≤ δ, δ·(|r| − δ/2) beyond: what :func:`robust_line` minimises."""
+    x, t, w = (np.asarray(v, dtype=float) for v in (x, t, w))
+    r = np.abs((a * x + b - t) / t)
+    return float(np.sum(w * np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta))))
+
+
+def robust_line(x, t, w, prior: tuple[float, float] = (1.0, 0.0), delta: float = 0.1, max_iter: int = 50,
+                tol: float = 1e-6) -> tuple[float, float]:
+    """The line t ≈ a·x + b with a, b ≥ 0 that minimises :func:`relative_huber_loss` (times ``t`` > 0,
+    weights ``w`` > 0): iteratively reweighted least squares from ``prior``, each step an exact
+    non-negative least-squares solve (:func:`scipy.optimize.nnls`), until no prediction moves by more
+    than ``tol`` of its time. Huber's IRLS weights majorise the loss, so every step lowers it; a warm
+    ``prior`` (the last fit) converges in a few steps.
+
+    With fewer than two distinct ``x`` the slope is not identified: it stays ``prior[0]`` and only the
+    intercept is fitted (a weighted mean, clipped at 0). No points: ``prior``."""
+    x, t, w = (np.asarray(v, dtype=float) for v in (x, t, w))
+    if len(x) == 0:
+        return float(prior[0]), float(prior[1])
+    if len(x) < 2 or np.ptp(x) <= 1e-12 * max(abs(x).max(), 1e-30):
+        a = float(prior[0])
+        return a, max(float(np.average(t - a * x, weights=w)), 0.0)
+    design = np.column_stack([x / t, 1.0 / t])  # design @ (a, b) - 1 = relative residuals
+    p = np.maximum(np.asarray(prior, dtype=float), 0.0)
+    for _ in range(max_iter):
+        rel = np.abs(design @ p - 1.0)
+        s = np.sqrt(w * np.minimum(1.0, delta / np.maximum(rel, 1e-12)))
+        new, _ = nnls(design * s[:, None], s)
+        moved = float(np.abs(design @ (new - p)).max())  # change of the relative predictions
+        p = new
+        if moved <= tol:
+            break
+    return float(p[0]), float(p[1])
 
 
 class HostCost:
