@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -60,10 +61,21 @@ def test_bench_end_to_end(target, dataset, tmp_path):
     table = summary["datasets"]["toy"]
     assert table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
     assert table["ar"]["tau"] == pytest.approx(1.0)
+    def rate(method, rep):  # tokens per second of one method over one repeat's prompts
+        mine = [r for r in rows if r["method"] == method and r["repeat"] == rep]
+        return sum(r["new_tokens"] for r in mine) / sum(r["wall_time"] for r in mine)
+
     for lab in labels:
         e = table[lab]
-        assert e["new_tokens"] == 3 * 2 * 12
-        assert e["tokens_per_s"] > 0 and "speedup_vs_hf" in e
+        mine = [r for r in rows if r["method"] == lab]
+        wall = sum(r["wall_time"] for r in mine)
+        assert e["prompts"] == 3 and e["new_tokens"] == 3 * 2 * 12 == sum(r["new_tokens"] for r in mine)
+        assert e["tokens_per_s"] == pytest.approx(e["new_tokens"] / wall, rel=1e-12)
+        assert e["tpot_ms"] == pytest.approx(1000 * wall / e["new_tokens"], rel=1e-12)
+        for base in ("ar", "hf"):
+            ratios = [rate(lab, rep) / rate(base, rep) for rep in (0, 1)]
+            assert e[f"speedup_vs_{base}"] == pytest.approx(sum(ratios) / 2, rel=1e-12), (lab, base)
+            assert e[f"speedup_vs_{base}_spread"] == pytest.approx((max(ratios) - min(ratios)) / 2, abs=1e-12)
     chain_rows = [r for r in rows if r["method"] == "chain"]
     tau = sum(sum(r["accept_lengths"]) for r in chain_rows) / sum(r["decoding_steps"] for r in chain_rows)
     assert table["chain"]["tau"] == pytest.approx(tau)
@@ -146,7 +158,8 @@ def test_profile_missing_range_is_a_clear_error(target, tmp_path):
 
     measure_profile(target, [1, 2, 4], [16], 1, tmp_path / "p.json")
     cost = ProfileCost(str(tmp_path / "p.json"))
-    assert cost.predict(3, 8) > 0
+    # below the table's context: its smallest context; between sizes: linear in n
+    assert cost.predict(3, 8) == pytest.approx((cost.predict(2, 16) + cost.predict(4, 16)) / 2, rel=1e-12)
     with pytest.raises(SpecframeError, match=r"covers n ≤ 4"):
         cost.predict(5, 16)
     with pytest.raises(SpecframeError, match="not found"):
@@ -198,19 +211,25 @@ def test_simulate_compare_sets_measured_beside_simulated(target, dataset, tmp_pa
     assert res.exit_code == 2 and "needs a `specframe bench` directory" in res.output
 
 
-def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_path, monkeypatch):
+def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_path):
     """The bench keeps one generator per method over all prompts, so its learned surrogate carries from
     one dataset into the next; the replay builds each method's components once for the whole trace (in
     its order) and matches τ per dataset exactly."""
-    import specframe.simulate as sim
+    from specframe import Registry
 
     built = []
-    real = sim._sim_components
-    monkeypatch.setattr(sim, "_sim_components", lambda *a: built.append(a[2]) or real(*a))
+
+    class Counting(Registry):  # records every expansion policy the replay builds
+        def build(self, kind, name, params, **injected):
+            if kind == "expansion policy":
+                built.append(name)
+            return super().build(kind, name, params, **injected)
+
     prompts = [Prompt(str(i), "first" if i < 2 else "second", text=p, chat=False) for i, p in enumerate(PROMPTS)]
     record_trace(target, "ngram", prompts, 30, tmp_path / "trace.jsonl", log=lambda m: None)
     measure_profile(target, [1, 2, 4, 8, 16, 32, 64], [8, 400], 1, tmp_path / "profile.json")
-    summary = simulate(tmp_path / "trace.jsonl", ["best-first:8"], str(tmp_path / "profile.json"), tmp_path / "sim", target)
+    summary = simulate(tmp_path / "trace.jsonl", ["best-first:8"], str(tmp_path / "profile.json"), tmp_path / "sim", target,
+                       registry=Counting())
     gen = SpecGenerator(target, "best-first:8", drafter="ngram")
     live: dict[str, list[int]] = {"first": [0, 0], "second": [0, 0]}
     for p in prompts:
@@ -219,7 +238,7 @@ def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_p
         live[p.dataset][1] += st.steps
     for ds, (acc, steps) in live.items():
         assert summary["datasets"][ds]["best-first:8"]["tau"] == pytest.approx(acc / steps, abs=1e-12), ds
-    assert built == ["ar", "best-first:8"]  # once per method, not once per method and dataset
+    assert built == ["root-only", "best-first"]  # ar's and best-first:8's: once per method, not per dataset
 
 
 def test_profile_restores_the_cache_and_records_host_bookkeeping(target, tmp_path):
@@ -227,9 +246,19 @@ def test_profile_restores_the_cache_and_records_host_bookkeeping(target, tmp_pat
     found it: the same tree at the same context gives the same logits afterwards."""
     from specframe.tree import Tree
 
-    measure_profile(target, [1, 4], [8], 2, tmp_path / "p.json")
-    points = json.loads((tmp_path / "p.json").read_text())["points"]
-    assert all(q["host_ms_median"] >= 0 for q in points) and {q["n"] for q in points} == {1, 4}
+    # a scripted clock: per point and round, a gap, then the forward's seconds, then the bookkeeping's
+    # (round 0 warms up and is discarded: its 1 s would otherwise be every point's maximum)
+    forward = {1: [1.0, 0.007, 0.003, 0.005], 4: [1.0, 0.012, 0.010, 0.011]}
+    host = {1: [1.0, 0.0002, 0.0004, 0.0003], 4: [1.0, 0.0015, 0.0009, 0.0012]}
+    increments = [d for rnd in range(4) for n in (1, 4) for d in (0.5, forward[n][rnd], host[n][rnd])]
+    times = iter(np.cumsum(increments).tolist())
+    measure_profile(target, [1, 4], [8], 3, tmp_path / "p.json", clock=lambda: next(times))
+    assert next(times, None) is None  # exactly three readings per point and round
+    points = {q["n"]: q for q in json.loads((tmp_path / "p.json").read_text())["points"]}
+    assert sorted(points) == [1, 4] and {q["c"] for q in points.values()} == {8}
+    for n, (ms, lo, hi, host_ms) in {1: (5.0, 3.0, 7.0, 0.3), 4: (11.0, 10.0, 12.0, 1.2)}.items():
+        q = points[n]
+        assert (q["ms_median"], q["ms_min"], q["ms_max"], q["host_ms_median"]) == pytest.approx((ms, lo, hi, host_ms)), q
     tree = Tree.from_lists([5, 6, 7, 8], [-1, 0, 1, 2])
     session = target.start()
     session.prefill([3] * 8)
