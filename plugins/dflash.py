@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specframe import hookimpl
+from specframe.backends import require_features
 from specframe.components import Draft, Drafter, EmptyDraft, MarginalDraft
 from specframe.errors import SpecframeError
 from specframe.resources import shipped_drafters_dir
@@ -320,6 +321,7 @@ class DFlashDrafter(Drafter):
     def __init__(self, target=None, path: str | None = None, top_k: int = 8, block_size: int | None = None):
         if target is None:
             raise ValueError("the dflash drafter needs the target")
+        require_features(target, "the dflash drafter")
         if path is None:
             path = shipped_drafter(target)
             if path is None:

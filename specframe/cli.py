@@ -51,6 +51,7 @@ def generator_options(command):
     options = [
         click.option("--policy", "-p", default=None, help="Policy bundle, optionally NAME:VALUE (e.g. best-first:32). See `specframe policies`."),
         click.option("--target", "-m", default=None, help="Hub id, local directory, .gguf file, or smollm2-135m (the embedded default)."),
+        click.option("--backend", default=None, help="Runtime of the target (default: hf, transformers). See `specframe components`."),
         click.option("--drafter", default=None, help="Drafter name, or NAME:PATH for drafters that load a checkpoint."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a policy parameter (repeatable), e.g. --set budget=32 or --set surrogate=NAME."),
         click.option("--dtype", default="float32", show_default=True),
@@ -61,7 +62,7 @@ def generator_options(command):
     return command
 
 
-def check_generator_options(ctx, policy, drafter, overrides) -> tuple:
+def check_generator_options(ctx, policy, drafter, overrides, backend=None) -> tuple:
     """Fail fast on unknown names, before loading a model: (registry, policy, parsed --set params)."""
     from .engine import DEFAULT_POLICY, parse_overrides
 
@@ -70,16 +71,19 @@ def check_generator_options(ctx, policy, drafter, overrides) -> tuple:
     registry.policy(policy.partition(":")[0])
     if drafter is not None:
         registry.get("drafter", drafter.partition(":")[0])
+    if backend is not None:
+        registry.get("backend", backend)
     return registry, policy, parse_overrides(list(overrides))
 
 
-def load_generator(registry, policy, target, drafter, params, dtype, device):
-    """Load the target and build its generator, as ``run`` does."""
+def load_generator(registry, policy, target, drafter, params, dtype, device, backend=None):
+    """Load the target (on ``backend``) and build its generator, as ``run`` does."""
+    from .backends import load_target
     from .engine import SpecGenerator
-    from .target import Target, quiet_transformers
+    from .target import quiet_transformers
 
     quiet_transformers()
-    tgt = Target.load(target, dtype=dtype, device=device)
+    tgt = load_target(target, backend, registry=registry, dtype=dtype, device=device)
     return SpecGenerator(tgt, policy, drafter=drafter, params=params, registry=registry)
 
 
@@ -95,12 +99,12 @@ def load_generator(registry, policy, target, drafter, params, dtype, device):
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the model's chat template (default: when it has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats} as JSON instead of streaming.")
 @click.pass_context
-def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
+def run(ctx, policy, target, backend, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
         overrides, dtype, device, as_json):
     """Generate text with speculative decoding and print a one-line stats summary."""
     from .components import SamplingParams
 
-    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides)
+    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides, backend)
     if max_new_tokens <= 0:
         raise SpecframeError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)  # validates
@@ -110,17 +114,18 @@ def run(ctx, policy, target, drafter, prompt, prompt_file, max_new_tokens, tempe
         prompt = sys.stdin.read() if prompt_file == "-" else _read(prompt_file)
     prompt = DEMO_PROMPT if prompt is None else prompt
 
-    gen = load_generator(registry, policy, target, drafter, params, dtype, device)
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend)
     tgt = gen.target
-    say_auto_fallbacks(gen)
     if as_json:
         out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
         click.echo(json.dumps(out.to_dict()))
+        say_auto_fallbacks(gen)
         return
     printer = _StreamPrinter(tgt)
     out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        chat=chat, stream=printer)
     printer.finish()
+    say_auto_fallbacks(gen)  # after the run, so that a bad input still ends in one line
     s = out.stats
     names = gen.components.names
     drafted = sum(r.drafted for r in s.records)
@@ -149,7 +154,7 @@ def say_auto_fallbacks(gen) -> None:
 @click.option("--default-max-tokens", type=int, default=256, show_default=True, help="Chat completion length when a request sets none.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
-def serve(ctx, policy, target, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
+def serve(ctx, policy, target, backend, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
           default_max_tokens, log_level):
     """Serve the generator over an OpenAI-compatible HTTP API (chat, completions, models, metrics)."""
     from .target import DEFAULT_TARGET
@@ -158,10 +163,10 @@ def serve(ctx, policy, target, drafter, overrides, dtype, device, host, port, ap
         raise SpecframeError("--max-queue and --default-max-tokens must be positive")
     if not 0 <= port <= 65535:
         raise SpecframeError(f"--port must be in 0..65535, got {port}")
-    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides)
+    registry, policy, params = check_generator_options(ctx, policy, drafter, overrides, backend)
     from .serve import create_app, serve as run_server  # after the checks: FastAPI loads in about a second
 
-    gen = load_generator(registry, policy, target, drafter, params, dtype, device)
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend)
     name = served_model_name or target or DEFAULT_TARGET
     app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens)
     click.echo(f"specframe: serving '{name}' with policy {gen.policy_name} on http://{host}:{port}/v1", err=True)

@@ -30,6 +30,7 @@ from .components import (
     StepRecord,
     Verifier,
 )
+from .backends import capabilities
 from .clock import Clock, real_clock
 from .errors import InvalidTreeError, PluginError, SpecframeError
 from .fit import StepCosts
@@ -442,6 +443,9 @@ class _Run:
         cap = getattr(self.c.cost_model, "max_tokens", None)  # e.g. a measured table's largest n
         if cap:
             max_nodes = min(max_nodes, int(cap) - 1)
+        most = capabilities(self.t).max_tree_tokens  # the backend's own limit on one verification
+        if most:
+            max_nodes = min(max_nodes, most - 1)
         if self.t.sliding_window is not None:
             max_nodes = min(max_nodes, self.t.sliding_window - 2 - past)
         return max(max_nodes, 0), max(min(max_depth, max_nodes), 0)

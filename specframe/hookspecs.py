@@ -16,6 +16,12 @@ hookimpl = pluggy.HookimplMarker("specframe")
 
 
 @hookspec
+def register_backends(register):
+    """Register target backends (runtimes): ``register("hf", load)``, where ``load(spec, *, dtype, device)``
+    returns a target for model ``spec`` (see :mod:`specframe.backends` for what a target must offer)."""
+
+
+@hookspec
 def register_drafters(register):
     """Register drafters: ``register("ngram", NgramDrafter)``. They return a
     :class:`~specframe.components.Draft` for each step."""

@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "specframe"
 ALLOW_ENV = "SPECFRAME_PLUGINS"
 OWN_DISTRIBUTION = "specframe"
 DEFAULT_PLUGINS = (
+    "specframe.plugins.backends",
     "specframe.plugins.verifiers",
     "specframe.plugins.drafters",
     "specframe.plugins.dflash",
@@ -40,6 +41,7 @@ DEFAULT_PLUGINS = (
 
 # registry kind -> the hook that fills it
 KIND_HOOKS = {
+    "backend": "register_backends",
     "drafter": "register_drafters",
     "surrogate": "register_surrogates",
     "cost model": "register_cost_models",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import Capabilities
 from .errors import SpecframeError, UnsupportedModelError
 from .tree import Tree, tree_attention_mask
 
@@ -52,6 +53,9 @@ class Target:
 
     ``tokenizer`` may be ``None`` (token ids in, token ids out, as research code often has it): prompts
     must then be token ids, and the text of every generation is the empty string."""
+
+    backend = "hf"
+    capabilities = Capabilities(tree_attention=True, features=True)
 
     def __init__(self, model, tokenizer=None, name: str = "model"):
         self.model = model.eval()

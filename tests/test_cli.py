@@ -122,7 +122,7 @@ def test_run_json_matches_ar(runner, loads, tiny, policy_args):
     result = runner.invoke(cli, ["run", "--json", "--prompt", PROMPT, "-n", str(N), *policy_args])
     assert result.exit_code == 0, (result.stderr, result.exception)
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "stats"}
+    assert set(out) == {"text", "token_ids", "stats", "components"}
     expected = reference(tiny, "ar")
     assert out["token_ids"] == expected.token_ids
     assert len(out["token_ids"]) == N
@@ -156,8 +156,11 @@ def test_run_streams_text_and_prints_stats_line(runner, loads, tiny):
     expected = reference(tiny, "ar")
     assert result.stdout == expected.text + "\n"
     lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    stats = lines[0]
+    assert len(lines) == 2, result.stderr
+    # auto never falls back silently: the tiny model has no shipped block drafter
+    assert lines[0].startswith("specframe: drafter auto -> ngram: 'dflash' is not available (no shipped block "
+                               "drafter fits target 'tiny'"), lines[0]
+    stats = lines[1]
     assert "τ" in stats
     assert "best-first" in stats and "drafter ngram" in stats
     assert f"{N} tokens" in stats and "tok/s" in stats and "steps" in stats
