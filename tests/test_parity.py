@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from conftest import SLIDING_ARCHS, TINY_ARCHS, make_tiny_model, new_target, plain_greedy
-from specframe import Drafter, EmptyDraft, MarginalDraft, Registry, SpecGenerator, TrieDraft
+from specframe import Drafter, EmptyDraft, MarginalDraft, Registry, SpecGenerator, TrieDraft, hookimpl, make_plugin_set
 from specframe.errors import InvalidTreeError, PluginError, SpecframeError, UnsupportedModelError
-from specframe.target import _kv_tensors
 from specframe.tree import Tree
 
 VOCAB = 96
@@ -113,8 +112,16 @@ def test_tree_logits_check_detects_a_wrong_mask(tiny_target, monkeypatch):
 
 
 # ============================================================================================ (b) KV after keep
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, read through transformers' own cache API (``layers`` in 5.x,
+    ``key_cache`` / ``value_cache`` before), independently of specframe's adapter."""
+    if getattr(cache, "layers", None) is not None:
+        return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
 def _assert_same_cache(a, b, atol=1e-9):
-    ka, kb = _kv_tensors(a.cache), _kv_tensors(b.cache)
+    ka, kb = _cache_tensors(a.cache), _cache_tensors(b.cache)
     assert len(ka) == len(kb) > 0
     for layer, ((k1, v1), (k2, v2)) in enumerate(zip(ka, kb)):
         assert k1.shape == k2.shape and v1.shape == v2.shape, (layer, k1.shape, k2.shape)
@@ -408,6 +415,93 @@ def test_drafter_deeper_than_asked_is_still_exact(tiny_target):
             assert out.token_ids == list(reference("llama"))[:n]
 
 
+# ============================================================================================ plugin components
+class CountingPlugin:
+    """An in-process plugin that adds one component of each kind through its ``register_*`` hook: thin
+    subclasses of the built-ins that count their calls, so a test sees they were used, not just listed."""
+
+    def __init__(self):
+        self.calls = {"drafter": 0, "surrogate": 0, "cost model": 0, "expansion policy": 0, "verifier": 0}
+        from specframe.plugins.cost_models import ConstantCost
+        from specframe.plugins.drafters import NgramDrafter
+        from specframe.plugins.expansion import BestFirst
+        from specframe.plugins.surrogates import PathConfidence
+        from specframe.plugins.verifiers import GreedyVerifier
+
+        calls = self.calls
+
+        class Ngram(NgramDrafter):
+            def propose(self, *args, **kwargs):
+                calls["drafter"] += 1
+                return super().propose(*args, **kwargs)
+
+        class Surrogate(PathConfidence):
+            def score(self, *args, **kwargs):
+                calls["surrogate"] += 1
+                return super().score(*args, **kwargs)
+
+        class Cost(ConstantCost):
+            def predict(self, n, context):
+                calls["cost model"] += 1
+                return super().predict(n, context)
+
+        class Expansion(BestFirst):
+            def expand(self, draft, ctx):
+                calls["expansion policy"] += 1
+                return super().expand(draft, ctx)
+
+        class Verifier(GreedyVerifier):
+            def verify(self, *args, **kwargs):
+                calls["verifier"] += 1
+                return super().verify(*args, **kwargs)
+
+        self.classes = {"drafter": Ngram, "surrogate": Surrogate, "cost model": Cost, "expansion policy": Expansion,
+                        "verifier": Verifier}
+
+    @hookimpl
+    def register_drafters(self, register):
+        register("counted-ngram", self.classes["drafter"])
+
+    @hookimpl
+    def register_surrogates(self, register):
+        register("counted-confidence", self.classes["surrogate"])
+
+    @hookimpl
+    def register_cost_models(self, register):
+        register("counted-constant", self.classes["cost model"])
+
+    @hookimpl
+    def register_expansion_policies(self, register):
+        register("counted-best-first", self.classes["expansion policy"])
+
+    @hookimpl
+    def register_verifiers(self, register):
+        register("counted-greedy", self.classes["verifier"])
+
+
+def test_components_from_every_register_hook_are_built_used_and_exact(tiny_target, monkeypatch):
+    monkeypatch.delenv("SPECFRAME_PLUGINS", raising=False)
+    plugin = CountingPlugin()
+    plugin_set = make_plugin_set(extra=[plugin])
+    assert plugin_set.problems == []
+    assert sorted(plugin_set.plugins[-1].hooks) == ["register_cost_models", "register_drafters",
+                                                    "register_expansion_policies", "register_surrogates",
+                                                    "register_verifiers"]
+    names = {"drafter": "counted-ngram", "surrogate": "counted-confidence", "cost_model": "counted-constant",
+             "expansion": "counted-best-first", "verifier": "counted-greedy"}
+    gen = SpecGenerator(tiny_target, "best-first", registry=Registry(plugin_set), drafter="counted-ngram",
+                        params={k: v for k, v in names.items() if k != "drafter"})
+    assert {k: gen.components.names[k] for k in names} == names
+    kinds = {"drafter": "drafter", "surrogate": "surrogate", "cost_model": "cost model", "expansion": "expansion policy"}
+    for comp, kind in kinds.items():  # (the verifier is not kept on Components: its calls are counted below)
+        assert type(getattr(gen.components, comp)) is plugin.classes[kind], comp
+    out = gen.generate(PROMPT, N_NEW)
+    assert out.token_ids == list(reference("llama"))
+    steps = out.stats.steps
+    assert plugin.calls["verifier"] == plugin.calls["expansion policy"] == steps, (plugin.calls, steps)
+    assert plugin.calls["drafter"] >= 1 and plugin.calls["surrogate"] >= 1 and plugin.calls["cost model"] >= 1, plugin.calls
+
+
 # ============================================================================================ sliding windows
 
 
@@ -425,16 +519,18 @@ def test_sliding_window_models_inside_the_window(request, arch, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("arch", sorted(SLIDING_ARCHS))
-def test_sliding_window_models_past_the_window_fail_loudly_or_stay_exact(arch, policy):
+def test_sliding_window_models_past_the_window_fail_loudly_after_exact_tokens(arch, policy):
+    """10 prompt + 30 new tokens do not fit a window of 24, and specframe cannot compact a sliding cache:
+    every policy streams exactly the tokens that fit (the cache holds window − 1 = 23 tokens, the last
+    committed token is not cached yet: 24 − 10 = 14 tokens), all equal to plain greedy, then raises
+    UnsupportedModelError naming the window — never a wrong token, never a silent stop."""
     target = new_target(arch, VOCAB)
     truth = plain_greedy(make_tiny_model(arch, VOCAB), PROMPT, 30)
     gen = SpecGenerator(target, policy, drafter=RandomTrieDrafter(truth, 4))
-    try:
-        out = gen.generate(PROMPT, 30)
-    except UnsupportedModelError as err:
-        assert "sliding" in str(err)
-    else:
-        assert out.token_ids == truth
+    streamed: list[int] = []
+    with pytest.raises(UnsupportedModelError, match=r"sliding-window layers \(window 24\).*past 23 tokens"):
+        gen.generate(PROMPT, 30, stream=streamed.extend)
+    assert streamed == truth[: 24 - len(PROMPT)]
 
 
 # ============================================================================================ EOS / length
