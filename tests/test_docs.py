@@ -11,12 +11,15 @@
 * The example third-party plugin (``examples/specframe-costmodel-example``) is found through a REAL entry
   point: its ``pyproject.toml`` is turned into a ``.dist-info`` (METADATA + entry_points.txt) on
   ``sys.path``, exactly what ``pip install`` writes; a slow test also pip-installs it for real.
-* Every hookspec in ``specframe/hookspecs.py`` is in the API reference and in at least one other test file.
+* The API reference lists exactly the hookspecs of ``specframe/hookspecs.py``, and every hookspec is
+  implemented (``@hookimpl``, also in plugin source a test installs) or called by code that a test in
+  another file runs: read from the syntax tree, so a mention in a comment or a string does not count.
 * ``mkdocs build --strict`` succeeds (skipped when the docs tools are not installed).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -27,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,20 +342,134 @@ def test_hookspecs_are_found():
     assert len(HOOKSPECS) >= 9 and "register_cost_models" in HOOKSPECS
 
 
-@pytest.mark.parametrize("name", HOOKSPECS)
-def test_hookspec_is_in_the_reference(name):
+def _reference_hooks() -> tuple[list[str], list[str]]:
+    """(the hooks in the reference's table, the members its ``::: specframe.hookspecs`` block renders)."""
     page = (DOCS / "reference" / "hookspecs.md").read_text()
+    table = re.findall(r"^\|\s*`(\w+)`\s*\|", page, flags=re.M)
     assert "::: specframe.hookspecs" in page
-    assert re.search(rf"^\s*- {name}\s*$", page, flags=re.M), f"hookspec {name} is not listed in the reference members"
+    block = page[page.index("::: specframe.hookspecs"):]
+    members = re.search(r"^\s*members:\s*\n((?:[ \t]*- \w+[ \t]*(?:\n|$))+)", block, flags=re.M)
+    assert members, "the ::: specframe.hookspecs block lists no members"
+    return table, re.findall(r"- (\w+)", members.group(1))
+
+
+def test_the_reference_lists_exactly_the_hookspecs():
+    """Every hookspec once in the table and once among the rendered members, and nothing else there
+    (a removed or renamed hook must leave the reference too)."""
+    table, members = _reference_hooks()
+    assert sorted(table) == HOOKSPECS, f"table rows {table} vs hookspecs {HOOKSPECS}"
+    assert sorted(members) == HOOKSPECS, f"members {members} vs hookspecs {HOOKSPECS}"
+
+
+def _is_hookimpl(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (isinstance(target, ast.Name) and target.id == "hookimpl") or (
+        isinstance(target, ast.Attribute) and target.attr == "hookimpl")
+
+
+def hook_uses(source: str) -> set[str]:
+    """Hooks a piece of test code really uses, read from its syntax tree (comments and prose do not
+    count): a function named after a hookspec and decorated ``@hookimpl`` (also inside plugin source
+    that the test keeps in a string and installs), or a call ``<...>.hook_name(...)``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in HOOKSPECS:
+            if any(_is_hookimpl(d) for d in node.decorator_list):
+                found.add(node.name)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in HOOKSPECS:
+            found.add(node.func.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "hookimpl" in node.value:
+            try:
+                found |= hook_uses(textwrap.dedent(node.value))
+            except SyntaxError:
+                pass  # prose, not plugin source
+    return found
+
+
+def reachable_from_tests(source: str) -> list[str]:
+    """The source of every test function, test class and fixture of a test module, and of every
+    module-level definition (class, function, constant) they reach by name: what running it executes."""
+    module = ast.parse(source)
+    defined: dict[str, ast.stmt] = {}
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    defined[target.id] = node
+
+    def is_entry(node: ast.stmt) -> bool:
+        if isinstance(node, ast.ClassDef):
+            return node.name.startswith("Test")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return node.name.startswith("test_") or any("fixture" in ast.unparse(d) for d in node.decorator_list)
+        return False
+
+    todo = [name for name, node in defined.items() if is_entry(node)]
+    reached: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        todo += [sub.id for sub in ast.walk(defined[name]) if isinstance(sub, ast.Name) and sub.id in defined]
+    return [ast.unparse(defined[name]) for name in sorted(reached)]
+
+
+def _uses_in_tests(source: str) -> set[str]:
+    return set().union(*(hook_uses(src) for src in reachable_from_tests(source)))
+
+
+HOOK_USE_SAMPLE = '''
+# register_drafters is only mentioned here
+NAMES = {"x": "register_surrogates"}
+PLUGIN = """
+    from specframe import hookimpl
+
+    @hookimpl
+    def register_verifiers(register):
+        register("v", object)
+"""
+
+
+class Unused:  # never reached from a test
+    @hookimpl
+    def register_policies(self, register):
+        pass
+
+
+class Observer:
+    @hookimpl(tryfirst=True)
+    def on_step_end(self, record, step):
+        pass
+
+
+def register_cost_models(register):  # not decorated: not a hook implementation
+    pass
+
+
+def test_one():
+    """register_commands, in a docstring."""
+    install(PLUGIN, NAMES, register_cost_models)
+    pm.hook.on_run_end(stats=None)
+    Observer()
+'''
+
+
+def test_hook_use_detection_reads_code_not_text():
+    """The detector behind the next test: a mention in a comment, a docstring or a plain string is no
+    use, nor an undecorated function or a plugin no test reaches; an @hookimpl a test reaches, a hook
+    call, or plugin source a test installs is."""
+    assert _uses_in_tests(HOOK_USE_SAMPLE) == {"register_verifiers", "on_run_end", "on_step_end"}
 
 
 @pytest.mark.parametrize("name", HOOKSPECS)
 def test_hookspec_is_exercised_by_a_test(name):
+    """Some test outside this file implements the hook in a plugin it installs, or calls it."""
     here = Path(__file__).resolve()
-    users = [
-        p.name for p in sorted(here.parent.glob("test_*.py")) if p != here and re.search(rf"\b{name}\b", p.read_text())
-    ]
-    assert users, f"no test file under tests/ (other than {here.name}) uses the hook {name}"
+    users = [p.name for p in sorted(here.parent.glob("test_*.py")) if p != here and name in _uses_in_tests(p.read_text())]
+    assert users, f"no test under tests/ (other than {here.name}) implements or calls the hook {name}"
 
 
 # ---------------------------------------------------------------------- mkdocs
