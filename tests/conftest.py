@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face causal LMs (fp64, CPU, no network) wrapped as specframe targets.
 
-* ``TinyTokenizer`` – a tokenizer stub (no chat template; ``decode`` joins ids; optional ``eos_token_id``).
+* ``TinyTokenizer`` – the tests' one tokenizer stub (no chat template; ids as words, or one character per
+  id with ``alphabet``; optional ``eos_token_id``).
 * ``make_tiny_model(arch, ...)`` – a tiny random model of one of :data:`TINY_ARCHS` or
   :data:`SLIDING_ARCHS` (cached per arguments; treat the returned model as read-only).
 * fixtures ``tiny_model`` (Llama), ``tiny_target`` (a *fresh* :class:`specframe.Target` around it, so a
@@ -25,17 +26,26 @@ torch.set_num_threads(1)
 
 
 class TinyTokenizer:
-    """The least a :class:`specframe.Target` needs from a tokenizer."""
+    """The least a :class:`specframe.Target` needs from a tokenizer (the one stub all tests share).
+
+    By default text is whitespace-separated ids ("5 9 13" <-> [5, 9, 13]). With ``alphabet`` every
+    character is one token, its index in ``alphabet`` (a character outside it is read as ``unknown``)."""
 
     chat_template = None
 
-    def __init__(self, eos_token_id: int | None = None):
+    def __init__(self, eos_token_id: int | None = None, alphabet: str | None = None, unknown: str = " "):
         self.eos_token_id = eos_token_id
+        self.alphabet, self.unknown = alphabet, unknown
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if self.alphabet is not None:
+            return "".join(self.alphabet[int(i)] for i in ids)
         return " ".join(str(int(i)) for i in ids)
 
     def __call__(self, text, add_special_tokens: bool = True):
+        if self.alphabet is not None:
+            index = self.alphabet.index
+            return {"input_ids": [index(c) if c in self.alphabet else index(self.unknown) for c in text]}
         return {"input_ids": [int(w) for w in text.split()]}
 
 

@@ -8,9 +8,11 @@ in exit code 2 and ONE line on stderr that starts with ``error:`` and names the 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import string
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,25 +21,14 @@ import specframe
 from specframe import Registry, SpecGenerator, Target
 from specframe.cli import cli
 
+from conftest import TinyTokenizer
+
 VOCAB = 64
 CONTEXT = 64  # max_position_embeddings of the tiny model
 ALPHABET = string.ascii_letters + string.digits + " ."  # one character per token id
 assert len(ALPHABET) == VOCAB
 PROMPT = "abc abc abc abc"  # repetitive, so the ngram drafter finds matches
 N = 8
-
-
-class CharTokenizer:
-    """One token per character of ALPHABET; no chat template, no EOS."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens: bool = True):
-        return {"input_ids": [ALPHABET.index(c) if c in ALPHABET else ALPHABET.index(" ") for c in text]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(ALPHABET[int(i)] for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def tiny_model():
 
 @pytest.fixture
 def tiny(tiny_model):
-    return Target(tiny_model, CharTokenizer(), "tiny")
+    return Target(tiny_model, TinyTokenizer(alphabet=ALPHABET), "tiny")  # one token per character, no EOS
 
 
 @pytest.fixture
@@ -128,10 +119,21 @@ def test_run_json_matches_ar(runner, loads, tiny, policy_args):
     assert len(out["token_ids"]) == N
     assert out["text"] == expected.text == tiny.decode(expected.token_ids)
     stats = out["stats"]
-    assert stats["new_tokens"] == N
-    assert stats["steps"] >= 1
-    assert stats["tau"] == pytest.approx(stats["tau"]) and stats["tau"] >= 1.0
-    assert {"tokens_per_s", "mean_tree_size", "wall_s", "prefill_s", "draft_s", "verify_s"} <= set(stats)
+    assert set(stats) == {"new_tokens", "steps", "tau", "tokens_per_s", "mean_tree_size", "wall_s", "prefill_s",
+                          "draft_s", "overhead_s", "verify_s", "drafted_steps"}
+    assert stats["new_tokens"] == N and 1 <= stats["steps"] <= N
+    # τ·steps is the number of accepted + bonus tokens (an integer), at least the N committed
+    committed = stats["tau"] * stats["steps"]
+    assert abs(committed - round(committed)) <= 1e-4 * stats["steps"] and round(committed) >= N, stats
+    assert 0 <= stats["drafted_steps"] <= stats["steps"] and stats["mean_tree_size"] >= 1.0
+    if "ar" in policy_args or "none" in policy_args:  # nothing drafted: plain decoding, one token per step
+        assert (stats["tau"], stats["steps"], stats["mean_tree_size"]) == (1.0, N, 1.0)
+    # tokens/s over the decode time (wall − prefill; both rounded to 0.1 ms), and the parts fit in the wall
+    decode = stats["wall_s"] - stats["prefill_s"]
+    lo, hi = N / (decode + 2e-4), N / max(decode - 2e-4, 1e-9)
+    assert lo - 1e-3 <= stats["tokens_per_s"] <= hi + 1e-3, stats
+    parts = stats["prefill_s"] + stats["draft_s"] + stats["overhead_s"] + stats["verify_s"]
+    assert parts <= stats["wall_s"] + 5e-4, stats
     assert loads == [(None, "float32", "cpu")]
 
 
@@ -160,10 +162,14 @@ def test_run_streams_text_and_prints_stats_line(runner, loads, tiny):
     # auto never falls back silently: the tiny model has no shipped block drafter
     assert lines[0].startswith("specframe: drafter auto -> ngram: 'dflash' is not available (no shipped block "
                                "drafter fits target 'tiny'"), lines[0]
-    stats = lines[1]
-    assert "τ" in stats
-    assert "best-first" in stats and "drafter ngram" in stats
-    assert f"{N} tokens" in stats and "tok/s" in stats and "steps" in stats
+    m = re.fullmatch(r"\[best-first · drafter ngram · (\d+) tokens in (\d+\.\d\d) s · (\d+\.\d) tok/s · "
+                     r"τ (\d+\.\d\d) · (\d+) steps · mean tree (\d+\.\d) nodes\]", lines[1])
+    assert m, lines[1]
+    tokens, wall, rate, tau, steps, tree = m.groups()
+    # greedy: the same steps as the same policy in-process (only the timings differ)
+    same = reference(tiny, "best-first").stats
+    assert (int(tokens), tau, int(steps), tree) == (N, f"{same.tau:.2f}", same.steps, f"{same.mean_tree_size:.1f}")
+    assert float(rate) >= N / (float(wall) + 0.005) - 0.05  # tokens/s over the decode time, within the wall
 
 
 def test_run_stream_equals_json_text(runner, loads):
@@ -426,8 +432,20 @@ def test_version(runner):
     assert specframe.__version__ in result.stdout
 
 
+BUILTIN_COMMANDS = ["bench", "components", "plugins", "policies", "profile", "run", "serve", "simulate", "trace",
+                    "train-drafter"]
+
+
 def test_help_lists_commands(runner):
-    result = runner.invoke(cli, ["--help"])
-    assert result.exit_code == 0
-    for command in ("run", "plugins", "policies", "components"):
-        assert command in result.stdout
+    """`specframe --help` lists exactly the built-in commands (no third-party plugin allowed), in order,
+    each with the start of its own help text."""
+    result = runner.invoke(cli, ["--help"], env={"SPECFRAME_PLUGINS": ""})
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("Usage: ") and "\nOptions:\n" in out and "\nCommands:\n" in out
+    rows = [line.split(None, 1) for line in out.split("\nCommands:\n", 1)[1].splitlines() if line.strip()]
+    assert [row[0] for row in rows] == BUILTIN_COMMANDS
+    ctx = click.Context(cli)
+    for name, summary in rows:
+        help_text = " ".join(cli.get_command(ctx, name).help.split())
+        assert help_text.startswith(summary.strip().removesuffix("...").rstrip(". ")), (name, summary)
