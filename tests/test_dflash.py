@@ -24,16 +24,7 @@ from specframe.train import (
     train,
 )
 
-
-class _Tok:
-    chat_template = None
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def convert_tokens_to_ids(self, token):
-        return None
+from conftest import TinyTokenizer
 
 
 def _target(arch: str = "llama", seed: int = 0) -> Target:
@@ -41,7 +32,7 @@ def _target(arch: str = "llama", seed: int = 0) -> Target:
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
-    return Target(model.double(), _Tok(), f"tiny-{arch}")
+    return Target(model.double(), TinyTokenizer(), f"tiny-{arch}")
 
 
 def _drafter_dir(target, tmp_path, block=4, layers=(0, 2), seed=1):
@@ -147,7 +138,7 @@ def test_checkpoint_that_does_not_fit_is_one_clear_error(tmp_path):
     _, path = _drafter_dir(small, tmp_path)
     torch.manual_seed(0)
     other = Target(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
-                                                num_attention_heads=4, num_key_value_heads=2)).double(), _Tok(), "wide")
+                                                num_attention_heads=4, num_key_value_heads=2)).double(), TinyTokenizer(), "wide")
     with pytest.raises(SpecframeError, match=r"hidden size 32 .* hidden size 48"):
         DFlashDrafter(target=other, path=str(path))
     with pytest.raises(SpecframeError, match="not found|missing"):
