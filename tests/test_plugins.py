@@ -26,21 +26,17 @@ from specframe.engine import resolve_components
 from specframe.errors import PluginError, SpecframeError
 from specframe.registry import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, PluginSet
 
+from conftest import TinyTokenizer
+
 VOCAB = 64
 PROMPT_IDS = [5, 9, 13, 5, 9, 13, 5, 9, 13, 5, 9]  # repetitive: the ngram drafter finds matches
 N = 10
 
 
 # ---------------------------------------------------------------------- tiny target
-class StubTokenizer:
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens: bool = True):
-        return {"input_ids": [ord(c) % VOCAB for c in text]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(str(int(i)) for i in ids)
+def char_tokenizer() -> TinyTokenizer:
+    """One character per id: "@" is 0, "A" is 1, ... (so ``chr(ord("@") + t)`` spells token t)."""
+    return TinyTokenizer(alphabet="".join(chr(ord("@") + i) for i in range(VOCAB)), unknown="@")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +56,12 @@ def tiny_model():
 
 @pytest.fixture
 def tiny(tiny_model):
-    return Target(tiny_model, StubTokenizer(), "tiny")
+    return Target(tiny_model, char_tokenizer(), "tiny")
 
 
 @pytest.fixture(scope="module")
 def ar_ids(tiny_model):
-    target = Target(tiny_model, StubTokenizer(), "tiny")
+    target = Target(tiny_model, char_tokenizer(), "tiny")
     return SpecGenerator(target, "ar", registry=Registry(make_plugin_set(allow=set()))).generate(PROMPT_IDS, N).token_ids
 
 
@@ -258,7 +254,7 @@ def test_third_party_drafter_through_cli(site, tiny, ar_ids, monkeypatch):
     monkeypatch.setattr(Target, "load", classmethod(lambda cls, *a, **k: tiny))
     from specframe.cli import cli
 
-    prompt = "".join(chr(ord("@") + t) for t in PROMPT_IDS)  # StubTokenizer maps these back to PROMPT_IDS
+    prompt = "".join(chr(ord("@") + t) for t in PROMPT_IDS)  # char_tokenizer maps these back to PROMPT_IDS
     assert tiny.encode(prompt) == PROMPT_IDS
     result = CliRunner().invoke(cli, ["run", "--json", "-p", "best-first:8", "--drafter", "oracle", "--prompt", prompt,
                                       "-n", str(N), "--set", "depth=5"])
