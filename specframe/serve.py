@@ -547,7 +547,6 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
         return job, events
 
     async def complete(request: Request, job: Job, events: asyncio.Queue, shape: "_Shape"):
-        parts: list[str] = []
         while True:
             try:
                 kind, value = await asyncio.wait_for(events.get(), _WAIT_S)
@@ -556,11 +555,9 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
                     job.cancelled.set()
                     return PlainTextResponse("", status_code=499)
                 continue
-            if kind == "delta":
-                parts.append(value)
-            elif kind == "error":
+            if kind == "error":
                 raise value
-            else:
+            if kind == "done":  # deltas are for streams; the result holds the whole text
                 return shape.full(value)
 
     async def stream_events(job: Job, events: asyncio.Queue, shape: "_Shape", include_usage: bool):
