@@ -352,7 +352,8 @@ class SpecGenerator:
         """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids used as they are).
 
         Stops after an EOS token (included) exactly as plain decoding would. ``stream`` receives each
-        step's committed tokens.
+        step's committed tokens; when it returns ``True`` the generation ends after that step, with the
+        tokens and stats so far (as a server does for a stop string or a client that went away).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
@@ -406,10 +407,12 @@ class _Run:
             committed = self.step(session, context, self.max_new - len(out))
             out += committed
             context += committed
-            if self.stream is not None:
-                self.stream(committed)
             if committed[-1] in self.eos:
+                if self.stream is not None:
+                    self.stream(committed)
                 break
+            if self.stream is not None and self.stream(committed):
+                break  # the caller asked to stop (a stop string, a client gone)
         self.stats.new_tokens = len(out)
         self.stats.wall_s = clock() - t0
         self.gen.observers.run_end(self.stats)

@@ -40,9 +40,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .components import StepRecord
-from .engine import Observers, SpecGenerator
+from .engine import SpecGenerator
 from .errors import SpecframeError
-from .hookspecs import hookimpl
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives neither max_tokens nor max_completion_tokens
 DEFAULT_MAX_QUEUE = 64
@@ -289,10 +288,6 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------- the worker
-class _Cancelled(Exception):
-    """Raised from the stream callback to end a generation early (client gone, or a stop string)."""
-
-
 @dataclass
 class Job:
     """One request for the worker. ``emit`` is called from the worker thread with each event:
@@ -338,18 +333,6 @@ class Result:
         }
 
 
-class _StepRecorder:
-    """An ``on_step_end`` observer that hands the worker every step record of the current request."""
-
-    def __init__(self):
-        self.records: list[StepRecord] | None = None
-
-    @hookimpl
-    def on_step_end(self, record, step):
-        if self.records is not None:
-            self.records.append(record)
-
-
 class Worker:
     """The one thread that owns the generator; jobs wait in a bounded FIFO queue."""
 
@@ -359,9 +342,6 @@ class Worker:
         self.gen, self.metrics = generator, metrics
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.busy = False
-        self.recorder = _StepRecorder()
-        generator.registry.pm.register(self.recorder, name=f"specframe-serve-{id(self.recorder)}")
-        generator.observers = Observers(generator.registry.pm)  # observers are resolved once per generator
         metrics.waiting.labels(metrics.model).set_function(self.queue.qsize)
         metrics.running.labels(metrics.model).set_function(lambda: int(self.busy))
         self.thread = threading.Thread(target=self._loop, name="specframe-serve-worker", daemon=True)
@@ -393,36 +373,34 @@ class Worker:
         text = TextStream(self.gen.target.decode, job.stops)
         first: list[float] = []
 
-        def on_step(ids: list[int]) -> None:
+        def on_step(ids: list[int]) -> bool:
+            """Stream a step's text; True (stop) for a stop string or a client that went away."""
             if job.cancelled.is_set():
-                raise _Cancelled
+                return True
             if not first:
                 first.append(time.perf_counter())
             delta = text.push(ids)
             if delta:
                 job.emit(("delta", delta))
-            if text.stopped:
-                raise _Cancelled
+            return text.stopped
 
         records: list[StepRecord] = []
-        self.recorder.records = records
         reason = "abort"
         try:
-            if job.cancelled.is_set():
-                raise _Cancelled
-            out = self.gen.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature, top_k=job.top_k,
-                                    top_p=job.top_p, seed=job.seed, stream=on_step)
-            eos = bool(out.token_ids) and out.token_ids[-1] in self.gen.target.eos_token_ids
-            reason = "stop" if eos else "length"
-        except _Cancelled:
-            reason = "stop" if text.stopped else "abort"
+            if not job.cancelled.is_set():
+                out = self.gen.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature,
+                                        top_k=job.top_k, top_p=job.top_p, seed=job.seed, stream=on_step)
+                records = out.stats.records
+                eos = bool(out.token_ids) and out.token_ids[-1] in self.gen.target.eos_token_ids
+                if job.cancelled.is_set():
+                    reason = "abort"
+                else:
+                    reason = "stop" if text.stopped or eos else "length"
         except SpecframeError as err:
             job.emit(("error", APIError(400, str(err), code="generation_failed")))
         except Exception as err:  # noqa: BLE001 - the worker must survive anything; the client gets one line
             job.emit(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error",
                                         code="internal_error")))
-        finally:
-            self.recorder.records = None
         m.observe_steps(records)
         if reason == "abort":
             m.success.labels(name, "abort").inc()

@@ -487,3 +487,21 @@ def test_outcome_probabilities_equal_an_independent_monte_carlo_estimate(seed):
     shifted = dict(exact)
     shifted[first], shifted[second] = 0.75 * exact[first], exact[second] + 0.25 * exact[first]
     assert _pooled_chisquare(counts, shifted, n)[0].pvalue < MC_ALPHA
+
+
+def test_a_stream_callback_that_returns_true_stops_after_that_step(tiny_target):
+    """``stream`` returning True ends the generation after that step, with what was committed so far."""
+    from specframe import SpecGenerator
+    from conftest import plain_greedy
+
+    prompt = [5, 17, 3, 9, 44, 2, 5, 17, 3, 9]
+    seen: list[list[int]] = []
+
+    def stop_after_two(ids):
+        seen.append(list(ids))
+        return len(seen) == 2
+
+    out = SpecGenerator(tiny_target, "bastion").generate(prompt, 40, stream=stop_after_two)
+    assert len(seen) == 2 and out.stats.steps == 2
+    assert out.token_ids == seen[0] + seen[1] == plain_greedy(tiny_target.model, prompt, len(out.token_ids))
+    assert out.stats.new_tokens == len(out.token_ids) < 40
