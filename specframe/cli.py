@@ -167,6 +167,7 @@ def serve(ctx, policy, target, backend, drafter, overrides, dtype, device, host,
     from .serve import create_app, serve as run_server  # after the checks: FastAPI loads in about a second
 
     gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend)
+    say_auto_fallbacks(gen)
     name = served_model_name or target or DEFAULT_TARGET
     app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens)
     click.echo(f"specframe: serving '{name}' with policy {gen.policy_name} on http://{host}:{port}/v1", err=True)
