@@ -334,6 +334,16 @@ def test_seeded_sampling_is_reproducible(slow_server, tiny_dir):
     assert first.specframe["token_ids"] == gen.generate(ids, 12, temperature=1.0, top_p=0.9, top_k=50, seed=7).token_ids
 
 
+def test_seeded_sampling_reproduces_under_bastion_too(server, tiny_dir):
+    """The sample verifier draws once per output position, so a seed gives the same tokens whatever trees
+    BASTION builds (and whatever it has learned between the requests) — the same as plain decoding."""
+    request = dict(model=MODEL, prompt="The river runs", max_tokens=16, temperature=1.0, seed=11)
+    outs = [server.client().completions.create(**request).specframe["token_ids"] for _ in range(3)]
+    gen = SpecGenerator(Target.load(str(tiny_dir), dtype="float64"), "ar")
+    ids = gen.target.encode("The river runs", chat=False)
+    assert outs[0] == outs[1] == outs[2] == gen.generate(ids, 16, temperature=1.0, seed=11).token_ids
+
+
 def test_32_concurrent_requests_all_complete_unmixed_and_metrics_add_up(server, reference):
     prompts = [f"Question {i}: name {i} rivers." for i in range(32)]
     expected = [reference.generate(chat_ids(reference, p) if i % 2 else reference.target.encode(p, chat=False), 10).text
