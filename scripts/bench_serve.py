@@ -24,11 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 
 from specframe import SpecGenerator, Target
 from specframe.datasets import encode, load
+from specframe.serve import wait_until_ready
 
 
 def in_process(gen: SpecGenerator, prompts: list[list[int]], n: int) -> list[dict]:
@@ -76,18 +76,12 @@ def start_server(policy: str, target: str | None, port: int, log: Path) -> subpr
     if target:
         cmd += ["--target", target]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not come up in 600 s")
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, 600, log)
+    except RuntimeError as err:
+        proc.kill()
+        raise SystemExit(str(err)) from None
+    return proc
 
 
 def free_port() -> int:

@@ -653,3 +653,21 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         app.state.worker.stop()
+
+
+def wait_until_ready(url: str, proc, seconds: float, log) -> None:
+    """Poll ``url``/health until the server in subprocess ``proc`` answers 200 (for scripts and tests that
+    start one); ``RuntimeError`` with the tail of its ``log`` file if it exits or takes over ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready after {seconds} s:\n{log.read_text()[-3000:]}")

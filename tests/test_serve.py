@@ -31,7 +31,7 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from specframe import SpecGenerator, Target  # noqa: E402
-from specframe.serve import TextStream  # noqa: E402
+from specframe.serve import TextStream, wait_until_ready  # noqa: E402
 
 MODEL = "tiny"
 FAVOURED = ["é", "日", "ü", "a", "s", "t", "o", "n", " ", "\n", " the", " river"]  # the output layer's favourites
@@ -106,17 +106,8 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, seconds: float = 240) -> "Server":
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {seconds} s:\n{self.log.read_text()[-3000:]}")
+        wait_until_ready(self.url, self.proc, seconds, self.log)
+        return self
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -153,7 +144,7 @@ plain = generator.generate
 def slowed(*args, stream=None, **kwargs):  # every step takes at least 50 ms: a request of 200 tokens runs 10 s
     def step(ids):
         time.sleep(0.05)
-        stream(ids)
+        return stream(ids)  # True: the server asks to stop
     return plain(*args, stream=step, **kwargs)
 
 generator.generate = slowed
