@@ -97,7 +97,7 @@ def load_generator(registry, policy, target, drafter, params, dtype, device, bac
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--seed", type=int, default=None)
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the model's chat template (default: when it has one).")
-@click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats} as JSON instead of streaming.")
+@click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats, components} as JSON instead of streaming.")
 @click.pass_context
 def run(ctx, policy, target, backend, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
         overrides, dtype, device, as_json):

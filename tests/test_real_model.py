@@ -125,7 +125,9 @@ def test_cli_run_json_on_real_model(reference):
     result = CliRunner().invoke(cli, ["run", "--json", "-n", "8", "--prompt", PROMPT])
     assert result.exit_code == 0, (result.stderr, result.exception)
     out = json.loads(result.stdout)
-    assert set(out) == {"text", "token_ids", "stats"}
+    assert set(out) == {"text", "token_ids", "stats", "components"}
+    assert out["components"]["names"]["drafter"] == "hybrid"  # the shipped block drafter beside prompt lookup
+    assert "drafter auto" not in result.stderr, "no fallback on the embedded default"
     assert out["token_ids"] == expected[:8]
     assert out["stats"]["new_tokens"] == 8
     assert out["text"].strip()
