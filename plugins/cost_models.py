@@ -16,6 +16,7 @@ from specframe import hookimpl
 from specframe import fit
 from specframe.fit import isotonic
 from specframe.components import CostModel
+from specframe.backends import ModelShape
 from specframe.errors import SpecframeError
 
 
@@ -47,37 +48,6 @@ DEVICES = {
 }
 
 
-class ModelShape:
-    """FLOPs and bytes of one verification forward of a decoder-only transformer, from its config."""
-
-    def __init__(self, config, bytes_per_param: float = 4.0):
-        cfg = getattr(config, "get_text_config", lambda: config)()
-        get = lambda *names, default=None: next(  # noqa: E731
-            (getattr(cfg, k) for k in names if getattr(cfg, k, None) is not None), default
-        )
-        h = int(get("hidden_size", "n_embd", "d_model"))
-        heads = int(get("num_attention_heads", "n_head"))
-        kv = int(get("num_key_value_heads", default=heads))
-        hd = int(get("head_dim", default=h // heads))
-        inter = int(get("intermediate_size", "n_inner", default=4 * h))
-        self.layers = int(get("num_hidden_layers", "n_layer"))
-        self.vocab = int(get("vocab_size"))
-        self.hidden, self.q_width, self.kv_width = h, heads * hd, kv * hd
-        self.linear = h * self.q_width + 2 * h * self.kv_width + self.q_width * h + 3 * h * inter
-        self.b = float(bytes_per_param)
-
-    def flops(self, n: int, c: int) -> float:
-        dense = 2.0 * n * (self.layers * self.linear + self.hidden * self.vocab)
-        attention = 4.0 * self.layers * n * (c + n) * self.q_width
-        return dense + attention
-
-    def bytes(self, n: int, c: int) -> float:
-        weights = self.b * (self.layers * self.linear + self.hidden * self.vocab)
-        kv = self.b * self.layers * 2 * self.kv_width * (c + 2 * n)  # read past + new, write new
-        acts = self.b * n * self.hidden * self.layers * 8 + 4.0 * n * self.vocab
-        return weights + kv + acts
-
-
 class Roofline(CostModel):
     """C(n; c) = max(α_c·FLOPs/peak + β_c, α_m·Bytes/BW + β_m), calibrated online.
 
@@ -99,9 +69,10 @@ class Roofline(CostModel):
                  bandwidth: float | None = None, window: int = 256, half_life: float = 128.0,
                  refit_every: int = 4, calibrate_sizes: tuple[int, ...] = (1, 2, 4, 16, 64), config=None,
                  bytes_per_param: float | None = None, single_token: bool = True):
+        shape = getattr(target, "shape", None) if config is None else None
         config = config if config is not None else getattr(target, "config", None)
-        if config is None:
-            raise ValueError("roofline needs the target's config (pass target= or config=)")
+        if shape is None and config is None:
+            raise ValueError("roofline needs the target's model shape (pass target= or config=)")
         if device == "auto":
             device = _device_kind(target)
         if device not in DEVICES and (peak_flops is None or bandwidth is None):
@@ -109,10 +80,13 @@ class Roofline(CostModel):
         peak, bw = DEVICES.get(device, (peak_flops, bandwidth))
         self.peak = float(peak_flops or peak)
         self.bandwidth = float(bandwidth or bw)
-        if bytes_per_param is None:
-            dtype = getattr(target, "dtype", None)
-            bytes_per_param = getattr(dtype, "itemsize", 2 if device != "cpu" else 4)
-        self.shape = ModelShape(config, bytes_per_param)
+        if shape is not None:  # the backend's own FLOP/byte shape (e.g. a quantised GGUF's real bytes)
+            self.shape = shape if bytes_per_param is None else shape.with_bytes(bytes_per_param)
+        else:
+            if bytes_per_param is None:
+                dtype = getattr(target, "dtype", None)
+                bytes_per_param = getattr(dtype, "itemsize", 2 if device != "cpu" else 4)
+            self.shape = ModelShape.from_config(config, bytes_per_param)
         if window <= 0 or refit_every <= 0 or half_life <= 0:
             raise ValueError("window, refit_every and half_life must be positive")
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0

@@ -8,7 +8,8 @@ What the engine needs of a target (the seam; see ``docs/reference/backends.md``)
 
 * text: ``encode(text, chat=None)``, ``encode_messages(messages)``, ``decode(ids)``, ``has_chat_template``;
 * model facts: ``name``, ``vocab_size``, ``max_context``, ``eos_token_ids``, ``sliding_window`` (or None),
-  ``num_layers``, ``hidden_size``;
+  ``num_layers``, ``hidden_size``, and ``shape`` (a :class:`ModelShape`: FLOPs and bytes of one verification,
+  for the roofline cost model);
 * :class:`Capabilities`: whether it verifies trees in one forward, whether it returns hidden states of
   chosen layers (``features``), and the largest tree it verifies at once;
 * ``start(feature_layers)`` → a session with ``prefill(ids)``, ``verify(tree)`` (logits of every node, and
@@ -19,11 +20,12 @@ What the engine needs of a target (the seam; see ``docs/reference/backends.md``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SpecframeError
 
 DEFAULT_BACKEND = "hf"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,58 @@ class Capabilities:
     tree_attention: bool = True  # verifies a whole tree in one forward (ancestor mask)
     features: bool = False  # returns hidden states of chosen layers with every forward
     max_tree_tokens: int | None = None  # the most tokens one verification may hold (None: no own limit)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """FLOPs and bytes of one verification forward of a decoder-only transformer (n new tokens on top
+    of c cached ones). ``bytes_per_param`` is what one weight costs to read: 4 for fp32, ≈ 0.6 for Q4_1."""
+
+    layers: int
+    hidden: int
+    q_width: int  # heads × head_dim
+    kv_width: int  # kv heads × head_dim
+    intermediate: int
+    vocab: int
+    bytes_per_param: float = 4.0
+    cache_bytes: float | None = None  # bytes of one cached key/value element (None: bytes_per_param)
+
+    @classmethod
+    def from_config(cls, config, bytes_per_param: float = 4.0) -> "ModelShape":
+        """From a transformers config (or any object with its attribute names)."""
+        cfg = getattr(config, "get_text_config", lambda: config)()
+        get = lambda *names, default=None: next(  # noqa: E731
+            (getattr(cfg, k) for k in names if getattr(cfg, k, None) is not None), default
+        )
+        h = int(get("hidden_size", "n_embd", "d_model"))
+        heads = int(get("num_attention_heads", "n_head"))
+        kv = int(get("num_key_value_heads", default=heads))
+        hd = int(get("head_dim", default=h // heads))
+        return cls(layers=int(get("num_hidden_layers", "n_layer")), hidden=h, q_width=heads * hd,
+                   kv_width=kv * hd, intermediate=int(get("intermediate_size", "n_inner", default=4 * h)),
+                   vocab=int(get("vocab_size")), bytes_per_param=float(bytes_per_param))
+
+    def with_bytes(self, bytes_per_param: float) -> "ModelShape":
+        return replace(self, bytes_per_param=float(bytes_per_param))
+
+    @property
+    def linear(self) -> int:
+        """Weights of one layer's linear maps (q, k, v, o, gated MLP)."""
+        h = self.hidden
+        return h * self.q_width + 2 * h * self.kv_width + self.q_width * h + 3 * h * self.intermediate
+
+    def flops(self, n: int, c: int) -> float:
+        dense = 2.0 * n * (self.layers * self.linear + self.hidden * self.vocab)
+        attention = 4.0 * self.layers * n * (c + n) * self.q_width
+        return dense + attention
+
+    def bytes(self, n: int, c: int) -> float:
+        b = self.bytes_per_param
+        cb = b if self.cache_bytes is None else self.cache_bytes
+        weights = b * (self.layers * self.linear + self.hidden * self.vocab)
+        kv = cb * self.layers * 2 * self.kv_width * (c + 2 * n)  # read past + new, write new
+        acts = cb * n * self.hidden * self.layers * 8 + 4.0 * n * self.vocab
+        return weights + kv + acts
 
 
 def capabilities(target) -> Capabilities:
@@ -51,24 +105,66 @@ def require_features(target, who: str) -> None:
 
 
 def load_target(spec: str | None = None, backend: str | None = None, *, registry=None, dtype="float32",
-                device: str = "cpu"):
-    """Load the target ``spec`` on ``backend`` (a name from ``register_backends``; default ``hf``)."""
+                device: str = "cpu", options: dict | None = None):
+    """Load the target ``spec`` on ``backend`` (a name from ``register_backends``; default ``hf``).
+    ``options`` go to the backend's loader as keywords (e.g. ``{"mode": "fast"}`` for ``llama.cpp``)."""
     from .registry import Registry
 
     registry = registry or Registry()
-    name = backend or DEFAULT_BACKEND
+    name, why = (backend, "") if backend not in (None, AUTO) else choose_backend(spec, device, registry)
     load = registry.get("backend", name).factory
+    options = dict(options or {})
+    if options:
+        import inspect
+
+        params = inspect.signature(load).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            known = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in ("dtype", "device")]
+            bad = sorted(set(options) - set(known))
+            if bad:
+                raise SpecframeError(f"backend '{name}' takes no option {', '.join(bad)}; "
+                                     f"its options: {', '.join(known) or '(none)'}")
     try:
-        target = load(spec, dtype=dtype, device=device)
+        target = load(spec, dtype=dtype, device=device, **options)
     except SpecframeError:
         raise
     except Exception as err:  # noqa: BLE001
         plugin = registry.get("backend", name).plugin
         raise SpecframeError(f"backend '{name}' (plugin '{plugin}') failed to load target '{spec}': "
                              f"{type(err).__name__}: {err}") from err
-    if getattr(target, "backend", None) is None:
+    for attr, value in (("backend", name), ("backend_note", why)):
+        if attr == "backend" and getattr(target, "backend", None) is not None:
+            continue
         try:
-            target.backend = name
+            setattr(target, attr, value)
         except AttributeError:
             pass
     return target
+
+
+def choose_backend(spec: str | None, device: str = "cpu", registry=None) -> tuple[str, str]:
+    """The backend ``auto`` picks for ``spec``, and why: among registered backends whose loader says
+    ``claims(spec, device) -> (ok, reason)`` is ok, the one with the highest ``auto_priority``; else
+    ``hf``. The reason of the winner, or of the best refused claim when ``hf`` is the fallback, comes back."""
+    from .registry import Registry
+
+    registry = registry or Registry()
+    best, best_priority, why, refused = DEFAULT_BACKEND, float("-inf"), "", []
+    for name in registry.names("backend"):
+        load = registry.get("backend", name).factory
+        claims = getattr(load, "claims", None)
+        if claims is None:
+            continue
+        priority = getattr(load, "auto_priority", 0)
+        ok, reason = claims(spec, device)
+        if ok and priority > best_priority:
+            best, best_priority, why = name, priority, str(reason)
+        elif not ok and reason:
+            refused.append((priority, name, str(reason)))
+    if not why:
+        if refused:
+            _, name, reason = max(refused)
+            why = f"not '{name}': {reason}"
+        else:
+            why = "transformers runs any hub id, model directory or .gguf file"
+    return best, why

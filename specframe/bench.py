@@ -1,8 +1,10 @@
 """``specframe bench``: compared methods side by side in one process, interleaved per prompt.
 
 The model (and drafters) load once; after a warm-up, every prompt runs each method in turn (A B C A B C…)
-so machine drift hits all alike. Greedy runs check that every method's output equals ``ar``'s token for
-token and count any difference as a failure. Outputs: ``results.jsonl`` (one row per prompt × method ×
+so machine drift hits all alike. Besides specframe's policies a run holds the target backend's *peers*:
+the runtime's own generation loops (``hf``/``hf-lookup`` for transformers, ``llama-cpp``/``llama-cpp-lookup``
+for llama.cpp), from the target's ``peer_names`` and ``peer(name)``. Greedy runs check that every method's
+output equals that backend's own ``ar`` token for token and count any difference as a failure. Outputs: ``results.jsonl`` (one row per prompt × method ×
 repeat), ``summary.json``, ``report.md`` and PNG plots.
 """
 
@@ -13,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +26,27 @@ from .errors import SpecframeError
 from .registry import Registry
 from .target import Target
 
-PEERS = ("hf", "hf-lookup")
 
 
 @dataclass
 class Method:
     label: str
-    generator: SpecGenerator | None = None  # None for the transformers peers
+    generator: SpecGenerator | None = None  # None for a peer
+    run: Callable | None = None  # a peer's run(ids, max_new_tokens, temperature, top_k, top_p, seed)
 
     @property
     def peer(self) -> bool:
         return self.generator is None
+
+
+def known_peers(registry: Registry) -> set[str]:
+    """Peer names any registered backend offers (its loader's ``peer_names``)."""
+    return {name for b in registry.names("backend") for name in getattr(registry.get("backend", b).factory, "peer_names", ())}
+
+
+def peers_of(target) -> tuple[str, ...]:
+    """The peer names ``target``'s backend offers (none for a target that declares none)."""
+    return tuple(getattr(target, "peer_names", ()))
 
 
 def split_methods(spec: str) -> list[str]:
@@ -53,9 +66,11 @@ def split_methods(spec: str) -> list[str]:
 
 
 def check_methods(labels: list[str], registry: Registry) -> None:
-    """Fail fast (before loading a model) on unknown names. A method is ``POLICY[:VALUE][@DRAFTER]``."""
+    """Fail fast (before loading a model) on unknown names. A method is ``POLICY[:VALUE][@DRAFTER]`` or a
+    backend's peer (checked against the loaded target in :func:`build_methods`)."""
+    peers = known_peers(registry)
     for label in labels:
-        if label not in PEERS:
+        if label not in peers:
             policy, _, drafter = label.partition("@")
             registry.policy(policy.partition(":")[0])
             if drafter:
@@ -64,9 +79,14 @@ def check_methods(labels: list[str], registry: Registry) -> None:
 
 def build_methods(labels: list[str], target: Target, registry: Registry, drafter=None, params=None) -> list[Method]:
     methods = []
+    own, peers = peers_of(target), known_peers(registry)
     for label in labels:
-        if label in PEERS:
-            methods.append(Method(label))
+        if label in peers or label in own:
+            if label not in own:
+                backend = getattr(target, "backend", "?")
+                raise SpecframeError(f"peer '{label}' does not run on backend '{backend}'; its peers: "
+                                     f"{', '.join(own) or '(none)'} (choose the backend with --backend)")
+            methods.append(Method(label, run=target.peer(label)))
         else:
             policy, _, own_drafter = label.partition("@")
             if policy == "ar":  # the baseline stays plain: no drafter, no overrides
@@ -82,6 +102,7 @@ def build_methods(labels: list[str], target: Target, registry: Registry, drafter
 def machine_description(target: Target) -> str:
     import torch
 
+    backend = getattr(target, "backend", "hf")
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -93,8 +114,12 @@ def machine_description(target: Target) -> str:
     dev = str(target.device)
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name(target.device)
-    return (f"{dev if dev != 'cpu' else cpu} · {os.cpu_count()} cores · torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads) · {target.dtype} · {platform.system()}")
+    where = f"{dev if dev != 'cpu' else cpu} · {os.cpu_count()} cores"
+    if backend != "hf":
+        describe = getattr(target, "describe", None)
+        return f"{where} · backend {describe() if callable(describe) else backend} · {platform.system()}"
+    return (f"{where} · torch {torch.__version__} ({torch.get_num_threads()} threads) · {target.dtype} · "
+            f"{platform.system()}")
 
 
 def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: int, sampling: SamplingParams,
@@ -102,8 +127,7 @@ def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: in
     ids = datasets.encode(prompt, target)
     if method.peer:
         start = time.perf_counter()
-        out = target.hf_generate(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed,
-                                 prompt_lookup_num_tokens=10 if method.label == "hf-lookup" else None)
+        out = method.run(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
         wall = time.perf_counter() - start
         return {"token_ids": out, "new_tokens": len(out), "wall_time": wall}
     gen = method.generator.generate(ids, max_new, temperature=sampling.temperature, top_k=sampling.top_k,
@@ -168,9 +192,10 @@ def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_d
                     fh.write(json.dumps(row) + "\n")
                     fh.flush()
                     advance(f"{prompt.dataset} {prompt.id} {m.label}")
-    summary = summarize(rows, [m.label for m in methods], sampling)
+    summary = summarize(rows, [m.label for m in methods], sampling, peers_of(target))
     summary["machine"] = machine_description(target)
     summary["target"] = target.name
+    summary["backend"] = getattr(target, "backend", "hf")
     summary["settings"] = {"datasets": dataset_names, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repeats": repeats,
                            "drafter": drafter, "params": params or {}}
@@ -181,9 +206,11 @@ def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_d
     return summary
 
 
-def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> dict:
-    """Per dataset and method: τ, tokens/s, TPOT, speedup vs ar and hf (mean ± spread over repeats)."""
-    result: dict = {"datasets": {}, "failures": []}
+def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, peers: tuple[str, ...] = ("hf",)) -> dict:
+    """Per dataset and method: τ, tokens/s, TPOT, speedup vs ar and vs the backend's plain peer (``hf``,
+    ``llama-cpp``; mean ± spread over repeats)."""
+    bases = ["ar"] + [p for p in peers if p in labels][:1]
+    result: dict = {"datasets": {}, "failures": [], "baselines": bases}
     for row in rows:
         if row.get("error"):
             result["failures"].append({k: row[k] for k in ("dataset", "prompt_id", "method", "error")})
@@ -210,16 +237,48 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams) -> 
                 entry["acceptance_by_position"] = acceptance_by_position(mine)
                 if all("drafted" in r for r in mine):  # share of steps the draft gate let the drafter run
                     entry["drafted_share"] = sum(sum(r["drafted"]) for r in mine) / steps
-            for base in ("ar", "hf"):
+            for base in bases:
                 ratios = [per_rep[lab][rep] / per_rep[base][rep] for rep in repeats
                           if base in per_rep and per_rep[base].get(rep) and per_rep[lab].get(rep)]
                 if ratios:
                     entry[f"speedup_vs_{base}"] = statistics.fmean(ratios)
                     entry[f"speedup_vs_{base}_spread"] = (max(ratios) - min(ratios)) / 2 if len(ratios) > 1 else 0.0
+            if steps and all("verify_s" in r for r in mine):
+                verify = sum(sum(r["verify_s"]) for r in mine)
+                draft, host = sum(r["draft_s"] for r in mine), sum(r["overhead_s"] for r in mine)
+                entry["host_share"] = host / (verify + draft + host) if verify + draft + host else 0.0
+                entry["step_ms"] = 1000 * (verify + draft + host) / steps
+                entry["draft_ms"], entry["verify_ms"] = 1000 * draft / steps, 1000 * verify / steps
             table[lab] = entry
+        t1 = _median_verify(ok, "ar", 1)
+        for lab, entry in table.items():  # what the drafts' measured acceptance allows: τ·T(1)/(D + T(n))
+            if t1 and entry.get("tau") and entry.get("step_ms"):
+                entry["step_limit"] = entry["tau"] * t1 * 1000 / (entry["draft_ms"] + entry["verify_ms"])
         result["datasets"][ds] = table
+    result["verify_curve"] = verify_curve(rows)
     result["greedy"] = sampling.greedy
     return result
+
+
+def _median_verify(rows: list[dict], label: str, size: int) -> float | None:
+    times = [v for r in rows if r["method"] == label for n, v in zip(r.get("tree_sizes", []), r.get("verify_s", [])) if n == size]
+    return statistics.median(times) if times else None
+
+
+def verify_curve(rows: list[dict], min_samples: int = 5) -> dict[int, dict]:
+    """Measured verification time by tree size over every step of the run: n → {ms (median), ratio to
+    n = 1, samples}, for sizes seen at least ``min_samples`` times."""
+    by_n: dict[int, list[float]] = {}
+    for r in rows:
+        for n, v in zip(r.get("tree_sizes", []), r.get("verify_s", [])):
+            by_n.setdefault(int(n), []).append(v)
+    t1 = statistics.median(by_n[1]) if by_n.get(1) else None
+    out = {}
+    for n in sorted(by_n):
+        if len(by_n[n]) >= min_samples:
+            ms = statistics.median(by_n[n]) * 1000
+            out[n] = {"ms": round(ms, 3), "ratio": round(ms / (t1 * 1000), 3) if t1 else None, "samples": len(by_n[n])}
+    return out
 
 
 def acceptance_by_position(rows: list[dict]) -> list[float]:
@@ -248,17 +307,24 @@ def render_report(summary: dict, figures: list[str]) -> str:
         f"- machine: {summary['machine']}",
         f"- datasets: {', '.join(s['datasets'])} · {s['num_prompts']} prompts each · {s['max_new_tokens']} new tokens · "
         f"temperature {s['temperature']} · {s['repeats']} repeat(s)",
+        f"- backend: {summary.get('backend', 'hf')}",
         "- methods ran interleaved per prompt in one process after a warm-up; speedup = tokens/s ÷ the baseline's "
-        "tokens/s on the same prompts (wall time including prefill).",
+        "tokens/s on the same prompts (wall time including prefill). Step limit: the speedup over `ar` that the "
+        "measured acceptance τ, draft time D and verification time T(n) allow before host work (T(1) = `ar`'s median "
+        "verification); host share: tree building and bookkeeping as a share of a step.",
         "",
     ]
+    bases = summary.get("baselines", ["ar", "hf"])
     for ds, table in summary["datasets"].items():
-        lines += [f"## {ds}", "", "| method | τ (accepted + bonus per step) | mean tree size | tokens/s | TPOT ms | speedup vs ar | speedup vs hf |",
-                  "|---|---|---|---|---|---|---|"]
+        head = " | ".join(f"speedup vs {b}" for b in bases)
+        lines += [f"## {ds}", "", f"| method | τ (accepted + bonus per step) | mean tree size | tokens/s | TPOT ms | {head} "
+                  f"| step limit τ·T(1)/(D+T(n)) | host share of a step |", "|---|---|---|---|---|" + "---|" * len(bases) + "---|---|"]
         for lab, e in table.items():
             fmt = lambda key: f"{e[key]:.2f}" if key in e else "–"  # noqa: E731
             sp = lambda base: (f"{e[f'speedup_vs_{base}']:.2f}×" + (f" ± {e[f'speedup_vs_{base}_spread']:.2f}" if e.get(f"speedup_vs_{base}_spread") else "")) if f"speedup_vs_{base}" in e else "–"  # noqa: E731
-            lines.append(f"| {lab} | {fmt('tau')} | {fmt('mean_tree_size')} | {e['tokens_per_s']:.2f} | {e['tpot_ms']:.1f} | {sp('ar')} | {sp('hf')} |")
+            share = f"{e['host_share']:.1%}" if "host_share" in e else "–"
+            lines.append(f"| {lab} | {fmt('tau')} | {fmt('mean_tree_size')} | {e['tokens_per_s']:.2f} | {e['tpot_ms']:.1f} | "
+                         + " | ".join(sp(b) for b in bases) + f" | {fmt('step_limit')} | {share} |")
         lines.append("")
         acc = {lab: e["acceptance_by_position"] for lab, e in table.items() if e.get("acceptance_by_position")}
         if acc:
@@ -269,6 +335,13 @@ def render_report(summary: dict, figures: list[str]) -> str:
         if gated:
             lines += ["Share of steps that ran the drafter (the draft gate skipped it on the rest): "
                       + ", ".join(f"{lab} {v:.0%}" for lab, v in gated.items()), ""]
+    curve = summary.get("verify_curve") or {}
+    if curve:
+        lines += ["## Verification time by tree size (median over the run's steps)", "",
+                  "| n | " + " | ".join(str(n) for n in curve) + " |", "|---|" + "---|" * len(curve),
+                  "| ms | " + " | ".join(f"{c['ms']:.1f}" for c in curve.values()) + " |",
+                  "| T(n)/T(1) | " + " | ".join(f"{c['ratio']:.2f}" if c["ratio"] else "–" for c in curve.values()) + " |",
+                  "| steps | " + " | ".join(str(c["samples"]) for c in curve.values()) + " |", ""]
     fails = summary["failures"]
     lines += ["## Failures", "", f"{len(fails)} failure(s)." if fails else "None: every greedy output matched `ar` token for token." if summary["greedy"] else "None.", ""]
     lines += [f"- {f['dataset']} {f['prompt_id']} {f['method']}: {f['error']}" for f in fails[:50]]

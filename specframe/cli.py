@@ -51,7 +51,8 @@ def generator_options(command):
     options = [
         click.option("--policy", "-p", default=None, help="Policy bundle, optionally NAME:VALUE (e.g. best-first:32). See `specframe policies`."),
         click.option("--target", "-m", default=None, help="Hub id, local directory, .gguf file, or smollm2-135m (the embedded default)."),
-        click.option("--backend", default=None, help="Runtime of the target (default: hf, transformers). See `specframe components`."),
+        click.option("--backend", default=None, help="Runtime of the target: auto (default: llama.cpp for GGUF files and the embedded default on a CPU when llama-cpp-python is installed, else hf), hf, llama.cpp. See `specframe components`."),
+        click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", help="Backend setting (repeatable), e.g. --backend-option mode=fast for llama.cpp."),
         click.option("--drafter", default=None, help="Drafter name, or NAME:PATH for drafters that load a checkpoint."),
         click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a policy parameter (repeatable), e.g. --set budget=32 or --set surrogate=NAME."),
         click.option("--dtype", default="float32", show_default=True),
@@ -71,19 +72,36 @@ def check_generator_options(ctx, policy, drafter, overrides, backend=None) -> tu
     registry.policy(policy.partition(":")[0])
     if drafter is not None:
         registry.get("drafter", drafter.partition(":")[0])
-    if backend is not None:
-        registry.get("backend", backend)
+    check_backend(registry, backend)
     return registry, policy, parse_overrides(list(overrides))
 
 
-def load_generator(registry, policy, target, drafter, params, dtype, device, backend=None):
-    """Load the target (on ``backend``) and build its generator, as ``run`` does."""
+def check_backend(registry, backend) -> None:
+    if backend not in (None, "auto"):
+        registry.get("backend", backend)
+
+
+def load_backend_target(registry, target, backend, backend_options, dtype="float32", device="cpu"):
+    """Load ``target`` on ``backend`` (``auto``/None: :func:`specframe.backends.choose_backend`)."""
     from .backends import load_target
-    from .engine import SpecGenerator
+    from .engine import parse_value
     from .target import quiet_transformers
 
+    options = {}
+    for pair in backend_options or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpecframeError(f"--backend-option expects key=value, got '{pair}'")
+        options[key.strip()] = parse_value(value)
     quiet_transformers()
-    tgt = load_target(target, backend, registry=registry, dtype=dtype, device=device)
+    return load_target(target, backend, registry=registry, dtype=dtype, device=device, options=options)
+
+
+def load_generator(registry, policy, target, drafter, params, dtype, device, backend=None, backend_options=()):
+    """Load the target (on ``backend``) and build its generator, as ``run`` does."""
+    from .engine import SpecGenerator
+
+    tgt = load_backend_target(registry, target, backend, backend_options, dtype, device)
     return SpecGenerator(tgt, policy, drafter=drafter, params=params, registry=registry)
 
 
@@ -99,8 +117,8 @@ def load_generator(registry, policy, target, drafter, params, dtype, device, bac
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the model's chat template (default: when it has one).")
 @click.option("--json", "as_json", is_flag=True, help="Print {text, token_ids, stats, components} as JSON instead of streaming.")
 @click.pass_context
-def run(ctx, policy, target, backend, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p, top_k, seed, chat,
-        overrides, dtype, device, as_json):
+def run(ctx, policy, target, backend, backend_options, drafter, prompt, prompt_file, max_new_tokens, temperature, top_p,
+        top_k, seed, chat, overrides, dtype, device, as_json):
     """Generate text with speculative decoding and print a one-line stats summary."""
     from .components import SamplingParams
 
@@ -114,7 +132,7 @@ def run(ctx, policy, target, backend, drafter, prompt, prompt_file, max_new_toke
         prompt = sys.stdin.read() if prompt_file == "-" else _read(prompt_file)
     prompt = DEMO_PROMPT if prompt is None else prompt
 
-    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend)
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend, backend_options)
     tgt = gen.target
     if as_json:
         out = gen.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, chat=chat)
@@ -131,14 +149,18 @@ def run(ctx, policy, target, backend, drafter, prompt, prompt_file, max_new_toke
     drafted = sum(r.drafted for r in s.records)
     skipped = f" · drafted {drafted}/{s.steps} steps" if drafted < s.steps else ""
     click.echo(
-        f"[{gen.policy_name} · drafter {names['drafter']} · {s.new_tokens} tokens in {s.wall_s:.2f} s · "
+        f"[{gen.policy_name} · backend {getattr(tgt, 'backend', '?')} · drafter {names['drafter']} · {s.new_tokens} tokens in {s.wall_s:.2f} s · "
         f"{s.tokens_per_s:.1f} tok/s · τ {s.tau:.2f} · {s.steps} steps · mean tree {s.mean_tree_size:.1f} nodes{skipped}]",
         err=True,
     )
 
 
 def say_auto_fallbacks(gen) -> None:
-    """One line on stderr when ``auto`` fell back to a lesser drafter, saying what it chose and why."""
+    """One line on stderr for what ``--backend auto`` chose and why, and one when the drafter's ``auto``
+    fell back to a lesser drafter."""
+    note = getattr(gen.target, "backend_note", "")
+    if note:
+        click.echo(f"specframe: backend auto -> {gen.target.backend}: {note}", err=True)
     why = gen.components.notes.get("drafter")
     if why and gen.components.names["drafter"] == "ngram":
         click.echo(f"specframe: drafter auto -> ngram: {why}", err=True)
@@ -154,7 +176,7 @@ def say_auto_fallbacks(gen) -> None:
 @click.option("--default-max-tokens", type=int, default=256, show_default=True, help="Chat completion length when a request sets none.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
-def serve(ctx, policy, target, backend, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
+def serve(ctx, policy, target, backend, backend_options, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
           default_max_tokens, log_level):
     """Serve the generator over an OpenAI-compatible HTTP API (chat, completions, models, metrics)."""
     from .target import DEFAULT_TARGET
@@ -166,7 +188,7 @@ def serve(ctx, policy, target, backend, drafter, overrides, dtype, device, host,
     registry, policy, params = check_generator_options(ctx, policy, drafter, overrides, backend)
     from .serve import create_app, serve as run_server  # after the checks: FastAPI loads in about a second
 
-    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend)
+    gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend, backend_options)
     say_auto_fallbacks(gen)
     name = served_model_name or target or DEFAULT_TARGET
     app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens)
@@ -204,7 +226,7 @@ class _StreamPrinter:
 
 @cli.command()
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True,
-              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the peers hf, hf-lookup.")
+              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the backend's peers: hf, hf-lookup (transformers) or llama-cpp, llama-cpp-lookup (llama.cpp).")
 @click.option("--dataset", default="mt-bench,humaneval", show_default=True,
               help="Comma-separated: mt-bench, mt-bench-2, humaneval, sharegpt (held-out), or .jsonl files.")
 @click.option("--num-prompts", type=int, default=10, show_default=True)
@@ -215,6 +237,8 @@ class _StreamPrinter:
 @click.option("--repeats", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--target", "-m", default=None, help="As for `run` (default: the embedded SmolLM2).")
+@click.option("--backend", default=None, help="As for `run` (default: auto).")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", help="As for `run`.")
 @click.option("--drafter", default=None, help="Drafter for every policy that drafts (default: each policy's own).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Parameter override applied to every policy that takes it.")
 @click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
@@ -223,17 +247,17 @@ class _StreamPrinter:
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p, top_k, repeats, seed, target,
-          drafter, overrides, out_dir, no_plots, dtype, device):
+          backend, backend_options, drafter, overrides, out_dir, no_plots, dtype, device):
     """Benchmark policies side by side in one process; writes results.jsonl, summary.json, report.md, plots."""
     from .bench import check_methods, run_bench, split_methods
     from .components import SamplingParams
     from .datasets import load
     from .engine import parse_overrides
-    from .target import Target, quiet_transformers
 
     registry = _registry(ctx)
     labels = split_methods(methods)
     check_methods(labels, registry)
+    check_backend(registry, backend)
     names = [d.strip() for d in dataset.split(",") if d.strip()]
     for name in names:
         load(name, 1)  # fail fast on unknown or empty datasets
@@ -241,8 +265,7 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
     if num_prompts <= 0 or max_new_tokens <= 0 or repeats <= 0:
         raise SpecframeError("--num-prompts, --max-new-tokens and --repeats must be positive")
     params = parse_overrides(list(overrides))
-    quiet_transformers()
-    tgt = Target.load(target, dtype=dtype, device=device)
+    tgt = load_backend_target(registry, target, backend, backend_options, dtype, device)
     summary = run_bench(tgt, labels, names, out_dir, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed,
                         drafter=drafter, params=params, registry=registry, plots=not no_plots)
@@ -257,23 +280,24 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
 @click.option("--num-prompts", type=int, default=10, show_default=True)
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--target", "-m", default=None)
+@click.option("--backend", default=None, help="As for `run` (default: auto).")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", help="As for `run`.")
 @click.option("--drafter", default=None, help="Drafter to record (default: what bastion would use).")
 @click.option("--out", "out_file", default="runs/trace.jsonl", show_default=True, type=click.Path(dir_okay=False))
 @click.pass_context
-def trace(ctx, dataset, num_prompts, max_new_tokens, target, drafter, out_file):
+def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_options, drafter, out_file):
     """Record a greedy acceptance trace (the drafter's proposal at every position) for `simulate`."""
     from .datasets import load
     from .simulate import record_trace
-    from .target import Target, quiet_transformers
 
     registry = _registry(ctx)
+    check_backend(registry, backend)
     if drafter is not None:
         registry.get("drafter", drafter.partition(":")[0])
     if num_prompts <= 0 or max_new_tokens <= 0:
         raise SpecframeError("--num-prompts and --max-new-tokens must be positive")
     prompts = [p for name in dataset.split(",") if name.strip() for p in load(name.strip(), num_prompts)]
-    quiet_transformers()
-    tgt = Target.load(target)
+    tgt = load_backend_target(registry, target, backend, backend_options)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     record_trace(tgt, drafter, prompts, max_new_tokens, Path(out_file), registry, log=lambda m: click.echo(m, err=True))
     click.echo(f"trace written to {out_file}")
@@ -318,11 +342,13 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_
 @click.option("--contexts", default="256,1024", show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True, help="Rounds over all points (after one warm-up round).")
 @click.option("--target", "-m", default=None)
+@click.option("--backend", default=None, help="As for `run` (default: auto).")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", help="As for `run`.")
 @click.option("--out", "out_file", default="runs/profile.json", show_default=True, type=click.Path(dir_okay=False))
-def profile(ns, contexts, repeats, target, out_file):
+@click.pass_context
+def profile(ctx, ns, contexts, repeats, target, backend, backend_options, out_file):
     """Measure this machine's verify latency table (n tree tokens × context) for `simulate`."""
     from .simulate import measure_profile
-    from .target import Target, quiet_transformers
 
     try:
         n_list = [int(x) for x in ns.split(",")]
@@ -331,8 +357,9 @@ def profile(ns, contexts, repeats, target, out_file):
         raise SpecframeError(f"--ns and --contexts take comma-separated integers: {err}") from err
     if min(n_list + c_list) <= 0 or repeats <= 0:
         raise SpecframeError("--ns, --contexts and --repeats must be positive")
-    quiet_transformers()
-    tgt = Target.load(target)
+    registry = _registry(ctx)
+    check_backend(registry, backend)
+    tgt = load_backend_target(registry, target, backend, backend_options)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     click.echo(f"profile written to {measure_profile(tgt, n_list, c_list, repeats, Path(out_file))}")
 
@@ -459,10 +486,7 @@ def policies(ctx, as_json, target):
     registry = _registry(ctx)
     tgt = None
     if target is not None:
-        from .target import Target, quiet_transformers
-
-        quiet_transformers()
-        tgt = Target.load(target)
+        tgt = load_backend_target(registry, target, None, ())
     rows = []
     for name in registry.names("policy"):
         spec, plugin = registry.policies[name]
@@ -471,7 +495,8 @@ def policies(ctx, as_json, target):
         if tgt is not None:
             from .engine import SpecGenerator
 
-            row["resolved"] = {"target": tgt.name, **SpecGenerator(tgt, name, registry=registry).described}
+            row["resolved"] = {"target": tgt.name, "backend": getattr(tgt, "backend", "?"),
+                               **SpecGenerator(tgt, name, registry=registry).described}
         rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))

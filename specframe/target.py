@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import Capabilities
+from .backends import Capabilities, ModelShape
 from .errors import SpecframeError, UnsupportedModelError
 from .tree import Tree, tree_attention_mask
 
@@ -81,6 +81,7 @@ class Target:
             # Families without layer_types (e.g. Mistral) slide in every layer when a window is set.
             self.sliding_window = int(window) if text_cfg.model_type in {"mistral", "mixtral"} else None
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.shape = ModelShape.from_config(text_cfg, getattr(self.dtype, "itemsize", 4))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -204,6 +205,20 @@ class Target:
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids):].tolist()
+
+    peer_names = ("hf", "hf-lookup")
+
+    def peer(self, name: str):
+        """transformers' own ``generate`` (``hf``) or its prompt-lookup assisted decoding (``hf-lookup``,
+        10 tokens), as ``run(ids, max_new_tokens, temperature, top_k, top_p, seed) -> new token ids``."""
+        if name not in self.peer_names:
+            raise SpecframeError(f"unknown transformers peer '{name}'; known: {', '.join(self.peer_names)}")
+        lookup = 10 if name == "hf-lookup" else None
+
+        def run(ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+            return self.hf_generate(ids, max_new_tokens, temperature, top_k, top_p, seed, prompt_lookup_num_tokens=lookup)
+
+        return run
 
     @torch.inference_mode()
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

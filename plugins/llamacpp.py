@@ -1,0 +1,564 @@
+"""Built-in target backend ``llama.cpp``: any GGUF file (the embedded SmolLM2-135M-Instruct straight from
+its Q4_1 file) run by llama.cpp through llama-cpp-python's low-level API. This is the ONLY module of
+specframe that calls into llama.cpp.
+
+A draft tree is verified in one ``llama_decode``:
+
+* every leaf owns a sequence id (the first leaf uses sequence 0, the committed sequence); a node belongs
+  to the sequences of all leaves below it, so llama.cpp's mask lets a node attend to the cached prefix
+  and to its own ancestors only: a query token sees a cell when they share a sequence id and the cell's
+  position is not after the token's; a token in several sequences is one query row;
+* node i sits at position ``past + depth(i)``; the cached prefix is shared with every other leaf's
+  sequence by ``llama_memory_seq_cp`` (no data is copied, the cells only gain sequence ids);
+* coupled sequences need the unified KV cache (``kv_unified``) and ``n_seq_max`` ≥ leaves: the context is
+  created with both, and the engine caps trees at :attr:`LlamaCppTarget.max_tree_tokens`;
+* after verification, the accepted path stays in sequence 0 and every other node leaves the cache.
+
+Modes (``mode=``):
+
+``exact`` (default)
+    The output is token for token what this backend's own plain one-token-at-a-time decoding produces
+    (the ``ar`` policy, and llama-cpp-python's own generation loop with the same settings). llama.cpp's
+    numbers depend on more than the tokens: the CPU kernels switch at 64-row micro-batches, and a token's
+    KV cell index changes the summation order of attention. So micro-batches stay at 16 rows, nodes are
+    laid out depth-first along each node's first child (the path the drafter thinks likeliest lands in
+    the cells a plain decode would use), and accepted tokens that landed elsewhere are dropped and decoded
+    again, in place, at the front of the next verification's batch.
+``fast``
+    512-row micro-batches and the accepted path kept wherever its cells are. The output is the greedy
+    decoding of the logits the target computes in verification: a near-tie may resolve differently from
+    plain decoding (see ``docs/reference/backends.md`` for the measured rate).
+
+Hidden states of chosen layers (``l_out-N``) come through llama.cpp's eval callback, on a second context
+that is only created when a drafter asks for features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specframe import hookimpl
+from specframe.backends import Capabilities, ModelShape
+from specframe.errors import SpecframeError
+from specframe.target import EMBEDDED_ALIASES, ForwardOut, embedded_gguf_path
+from specframe.tree import Tree
+
+MODES = ("exact", "fast")
+EXACT_ROWS = 16  # rows per verification call in exact mode: below the CPU kernels' 64-row switch
+N_BATCH = 512  # also n_ubatch: a prompt is consumed as llama.cpp's own loop consumes it
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: one sequence per leaf
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise SpecframeError(
+            "backend 'llama.cpp' needs llama-cpp-python: pip install llama-cpp-python diskcache "
+            "(a source build, ≈ 4 min on two idle cores; scripts/setup.sh does it once)"
+        ) from err
+    return llama_cpp
+
+
+class _Runtime:
+    """The llama.cpp library, initialised once per process: backend init, quiet logging, and the few
+    ggml functions the eval callback needs (tensor name, byte size, copy-out)."""
+
+    _instance = None
+
+    def __init__(self):
+        self.lib = lib = _llama()
+        lib.llama_backend_init()
+        self._log = lib.llama_log_callback(lambda level, text, data: None)  # keep a reference
+        if not os.environ.get("SPECFRAME_LLAMA_LOG"):
+            lib.llama_log_set(self._log, ctypes.c_void_p(0))
+        ggml = ctypes.CDLL(str(Path(lib.__file__).parent / "lib" / "libggml-base.so"))
+        ggml.ggml_get_name.restype, ggml.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        ggml.ggml_nbytes.restype, ggml.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+        ggml.ggml_backend_tensor_get.restype = None
+        ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self.ggml = ggml
+
+    @classmethod
+    def get(cls) -> "_Runtime":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+def resolve_gguf(spec: str | None) -> Path:
+    """The GGUF file ``spec`` names: ``None``/an embedded alias, a ``.gguf`` path, or a directory holding one."""
+    if spec is None or spec.lower() in EMBEDDED_ALIASES:
+        return embedded_gguf_path()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if not found:
+            raise SpecframeError(f"'{path}' holds no .gguf file; backend 'llama.cpp' runs GGUF files (use --backend hf for a model directory)")
+        path = found[0]
+    if not path.is_file():
+        hint = " (a hub id needs --backend hf)" if not spec.endswith(".gguf") else ""
+        raise SpecframeError(f"GGUF file not found: {path}{hint}")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise SpecframeError(f"'{path}' is not a GGUF file (no GGUF magic); give a .gguf model file")
+    return path
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one verification's batch is laid out: batch order of the tree nodes, and each node's sequences."""
+
+    order: list[int]  # batch row r holds tree node order[r]
+    seqs: list[list[int]]  # seqs[node]: sequence ids of the leaves below node
+    leaves: int
+
+
+def layout_tree(parents: list[int]) -> _Layout:
+    """Depth-first order along first children (the first-drafted chain gets consecutive cells); leaf k
+    owns sequence k (leaf 0 = the first-child chain's leaf = sequence 0)."""
+    n = len(parents)
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i in range(1, n):
+        children[parents[i]].append(i)
+    order, stack = [], [0]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(children[node]))
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    leaves = 0
+    for node in order:
+        if not children[node]:
+            walk = node
+            while walk >= 0:
+                seqs[walk].append(leaves)
+                walk = parents[walk]
+            leaves += 1
+    return _Layout(order, seqs, leaves)
+
+
+class _Context:
+    """One llama_context and its batch buffer; optionally with the eval callback that copies out the
+    outputs of chosen layers."""
+
+    def __init__(self, target: "LlamaCppTarget", layers: tuple[int, ...]):
+        rt, lib = target.runtime, target.runtime.lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = target.max_context
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_BATCH
+        params.n_seq_max = MAX_SEQ
+        params.n_threads = params.n_threads_batch = target.threads
+        params.kv_unified = True
+        params.swa_full = True  # keep every cell so sequences can be removed and re-added freely
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if target.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        self.layers = tuple(layers)
+        self._wanted = {f"l_out-{layer}".encode(): layer for layer in self.layers}
+        self._captured: dict[int, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        if self.layers:
+            self._cb = lib.ggml_backend_sched_eval_callback(self._on_tensor)  # keep a reference
+            params.cb_eval = self._cb
+            params.cb_eval_user_data = None
+        self.ctx = lib.llama_init_from_model(target.model, params)
+        if not self.ctx:
+            raise SpecframeError(f"llama.cpp could not create a context for '{target.name}' (n_ctx {target.max_context}); "
+                                 f"lower the context with --backend-option n_ctx=N")
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(N_BATCH, 0, MAX_SEQ)
+        self.lib, self.ggml, self.vocab_size = lib, rt.ggml, target.vocab_size
+        self.owner = None  # the session using this context now
+
+    def _on_tensor(self, tensor, ask, _data) -> bool:
+        layer = self._wanted.get(self.ggml.ggml_get_name(tensor))
+        if layer is None:
+            return False
+        if ask:
+            return True
+        ne = ctypes.cast(tensor + 16, ctypes.POINTER(ctypes.c_int64))  # ggml_tensor: type, buffer, ne[4]
+        out = np.empty((ne[1], ne[0]), dtype=np.float32)
+        if out.nbytes != self.ggml.ggml_nbytes(tensor):
+            return True  # not the f32 activation we expect; leave it
+        self.ggml.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+        self._captured[layer].append(out)
+        return True
+
+    def decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], logits: list[bool],
+               rows: int = N_BATCH):
+        """``llama_decode`` in calls of at most ``rows`` tokens; returns (logits (k, V) of the flagged
+        rows, features (n, F) or None)."""
+        n = len(tokens)
+        if n > N_BATCH:  # llama.cpp aborts the process on an oversized batch: refuse here
+            raise SpecframeError(f"llama.cpp batch of {n} tokens exceeds n_batch {N_BATCH}")
+        for chunks in self._captured.values():
+            chunks.clear()
+        out = np.empty((sum(logits), self.vocab_size), dtype=np.float32)
+        done = 0
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            self._fill(tokens, positions, seqs, logits, start, stop)
+            rc = self.lib.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise SpecframeError(f"llama_decode failed with code {rc} on a batch of {stop - start} tokens "
+                                     f"(1: no KV cell free; the context is full)")
+            for i in range(start, stop):
+                if logits[i]:
+                    ptr = self.lib.llama_get_logits_ith(self.ctx, i - start)
+                    out[done] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+                    done += 1
+        feats = None
+        if self.layers:
+            feats = np.concatenate([np.concatenate(self._captured[layer]) for layer in self.layers], axis=1)
+        return out, feats
+
+    def _fill(self, tokens, positions, seqs, logits, start: int, stop: int) -> None:
+        b = self.batch
+        for j, i in enumerate(range(start, stop)):
+            b.token[j], b.pos[j], b.logits[j] = tokens[i], positions[i], logits[i]
+            row = seqs[i]
+            b.n_seq_id[j] = len(row)
+            ids = b.seq_id[j]
+            for k, s in enumerate(row):
+                ids[k] = s
+        b.n_tokens = stop - start
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
+        self.lib.llama_memory_seq_rm(self.mem, seq, p0, p1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    __del__ = close
+
+
+class LlamaCppTarget:
+    """A GGUF model run by llama.cpp, with llama.cpp's own tokenizer and the GGUF's chat template."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, path: str | Path, *, mode: str = "exact", threads: int | None = None, n_ctx: int | None = None,
+                 flash_attn: bool = True, rows: int | None = None, device: str = "cpu", name: str | None = None):
+        if mode not in MODES:
+            raise SpecframeError(f"unknown llama.cpp mode '{mode}'; use one of {', '.join(MODES)}")
+        self.path, self.mode = Path(path), mode
+        self.runtime = rt = _Runtime.get()
+        lib = rt.lib
+        mparams = lib.llama_model_default_params()
+        if device != "cpu":
+            if not lib.llama_supports_gpu_offload():
+                raise SpecframeError(f"this llama-cpp-python build has no GPU support; use --device cpu")
+            mparams.n_gpu_layers = -1
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise SpecframeError(f"llama.cpp could not load '{self.path}' (corrupt or unsupported GGUF file)")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.name = name or (f"{self.path.stem} (llama.cpp)")
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self.vocab))
+        self.num_layers = int(lib.llama_model_n_layer(self.model))
+        self.hidden_size = int(lib.llama_model_n_embd(self.model))
+        train_ctx = int(lib.llama_model_n_ctx_train(self.model)) or 4096
+        self.max_context = int(n_ctx or min(train_ctx, 8192))
+        self.sliding_window = None  # llama.cpp keeps its own window (swa_full): nothing for the engine to cap
+        self.threads = int(threads or len(os.sched_getaffinity(0)))
+        self.flash_attn = bool(flash_attn)
+        self.rows = int(rows or (EXACT_ROWS if mode == "exact" else N_BATCH))
+        if not 1 <= self.rows <= (EXACT_ROWS if mode == "exact" else N_BATCH):
+            raise SpecframeError(f"rows must be in 1..{EXACT_ROWS if mode == 'exact' else N_BATCH} in mode {mode}, got {self.rows}")
+        self.capabilities = Capabilities(tree_attention=True, features=True, max_tree_tokens=MAX_SEQ)
+        self.eos_token_ids = tuple(t for t in range(self.vocab_size) if lib.llama_vocab_is_eog(self.vocab, t))
+        self.chat_template = self._meta("tokenizer.chat_template") or None
+        self.shape = self._shape()
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32  # of the logits and features it returns
+        self._contexts: dict[tuple[int, ...], list[_Context]] = {}  # feature layers -> contexts
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def describe(self) -> str:
+        return f"llama.cpp:{self.path} (mode {self.mode}, {self.threads} threads, {self.rows} rows per verification call)"
+
+    # ------------------------------------------------------------------ model facts
+    def _meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.runtime.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    def _shape(self) -> ModelShape:
+        lib, arch = self.runtime.lib, self._meta("general.architecture")
+        heads = int(lib.llama_model_n_head(self.model))
+        kv = int(lib.llama_model_n_head_kv(self.model))
+        head_dim = int(self._meta(f"{arch}.attention.key_length") or self.hidden_size // heads)
+        inter = int(self._meta(f"{arch}.feed_forward_length") or 4 * self.hidden_size)
+        params = int(lib.llama_model_n_params(self.model))
+        bytes_per_param = float(lib.llama_model_size(self.model)) / max(params, 1)
+        return ModelShape(layers=self.num_layers, hidden=self.hidden_size, q_width=heads * head_dim,
+                          kv_width=kv * head_dim, intermediate=inter, vocab=self.vocab_size,
+                          bytes_per_param=bytes_per_param, cache_bytes=2.0)  # f16 KV cache
+
+    # ------------------------------------------------------------------ text
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        lib, data = self.runtime.lib, text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            buf = (lib.llama_token * -n)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, True)
+        return list(buf[:n])
+
+    def encode(self, text: str, chat: bool | None = None, system: str | None = None) -> list[int]:
+        if chat is None:
+            chat = self.has_chat_template
+        if chat:
+            if not self.has_chat_template:
+                raise SpecframeError(f"target '{self.name}' has no chat template; use --no-chat")
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return self.encode_messages(messages)
+        return self._tokenize(text, add_special=True)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        if not self.has_chat_template:
+            raise SpecframeError(f"target '{self.name}' has no chat template; give a plain prompt")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        piece = lambda t: self._piece(t, special=True).decode("utf-8", "replace") if t >= 0 else ""  # noqa: E731
+        lib = self.runtime.lib
+        fmt = Jinja2ChatFormatter(self.chat_template, eos_token=piece(lib.llama_vocab_eos(self.vocab)),
+                                  bos_token=piece(lib.llama_vocab_bos(self.vocab)))
+        return self._tokenize(fmt(messages=messages).prompt, add_special=False)
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.runtime.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.runtime.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return b"".join(self._piece(int(t), not skip_special_tokens) for t in ids).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ sessions
+    def start(self, feature_layers: tuple[int, ...] = ()) -> "LlamaCppSession":
+        layers = tuple(feature_layers)
+        bad = [layer for layer in layers if not 0 <= layer < self.num_layers]
+        if bad:
+            raise SpecframeError(f"feature layer(s) {bad} do not exist in target '{self.name}' ({self.num_layers} layers: 0..{self.num_layers - 1})")
+        if layers and max(layers) == self.num_layers - 1:
+            raise SpecframeError(f"backend 'llama.cpp' gives hidden states of layers 0..{self.num_layers - 2} only "
+                                 f"(the last layer computes only the rows that return logits)")
+        pool = self._contexts.setdefault(layers, [])
+        ctx = next((c for c in pool if c.owner is None or c.owner() is None), None)  # one no live session holds
+        if ctx is None:  # sessions that overlap each get a context (and a KV cache) of their own
+            ctx = _Context(self, layers)
+            pool.append(ctx)
+        return LlamaCppSession(self, ctx)
+
+    def synchronize(self) -> None:
+        for ctx in (c for pool in self._contexts.values() for c in pool):
+            if ctx.ctx:
+                self.runtime.lib.llama_synchronize(ctx.ctx)
+
+    # ------------------------------------------------------------------ peers for ``specframe bench``
+    peer_names = ("llama-cpp", "llama-cpp-lookup")
+
+    def peer(self, name: str):
+        """llama-cpp-python's own generation loop on the same GGUF file, threads and attention settings:
+        ``llama-cpp`` (plain) or ``llama-cpp-lookup`` (its ``LlamaPromptLookupDecoding``, 10 tokens).
+        Returns ``run(ids, max_new_tokens, temperature, top_k, top_p, seed) -> new token ids``, stopping
+        after an end-of-generation token like specframe."""
+        if name not in self.peer_names:
+            raise SpecframeError(f"unknown llama.cpp peer '{name}'; known: {', '.join(self.peer_names)}")
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if name == "llama-cpp-lookup" else None
+        # logits_all (forced by a draft model) keeps n_ctx × vocab floats: a smaller context for peers
+        n_ctx = min(self.max_context, 2048)
+        llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=self.threads,
+                    n_threads_batch=self.threads, flash_attn=self.flash_attn, draft_model=draft, verbose=False)
+        eos = set(self.eos_token_ids)
+
+        def run(ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+            if len(ids) + max_new_tokens > n_ctx:
+                raise SpecframeError(f"peer '{name}' runs with a context of {n_ctx} tokens; the prompt ({len(ids)}) + "
+                                     f"{max_new_tokens} new tokens do not fit")
+            llm.reset()
+            if seed is not None:
+                llm.set_seed(seed)
+            # The prompt but its last token first, as specframe's prefill does; generate() then finds that
+            # prefix in its cache and decodes from the last prompt token on.
+            if len(ids) > 1:
+                llm.eval(ids[:-1])
+            out = []
+            for tok in llm.generate(ids, temp=temperature, top_k=top_k or 0, top_p=top_p, min_p=0.0,
+                                    repeat_penalty=1.0, reset=True):
+                out.append(int(tok))
+                if tok in eos or len(out) >= max_new_tokens:
+                    break
+            return out
+
+        return run
+
+    # ------------------------------------------------------------------ weights drafters reuse
+    def _tensor(self, *names: str) -> torch.Tensor:
+        for name in names:
+            if name in self._weights:
+                return self._weights[name]
+        import gguf
+
+        reader = gguf.GGUFReader(str(self.path))
+        by_name = {t.name: t for t in reader.tensors}
+        for name in names:
+            if name in by_name:
+                t = by_name[name]
+                data = gguf.quants.dequantize(t.data, t.tensor_type)
+                rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+                self._weights[name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(rows, -1))
+                return self._weights[name]
+        raise SpecframeError(f"'{self.path}' has none of the tensors {', '.join(names)}")
+
+    def embedding_weight(self) -> torch.Tensor:
+        """(V, H) input embeddings, de-quantised from the GGUF file."""
+        return self._tensor("token_embd.weight")
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H) output projection (tied models: the embeddings)."""
+        return self._tensor("output.weight", "token_embd.weight")
+
+    @property
+    def text_config(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(model_type=self._meta("general.architecture"))
+
+
+class LlamaCppSession:
+    """One request's KV cache in a llama.cpp context. ``past`` tokens are committed; the root is not.
+
+    In exact mode accepted tokens whose cells are out of place wait in ``pending`` and are decoded again,
+    in place, at the front of the next batch (``past`` counts them already)."""
+
+    def __init__(self, target: LlamaCppTarget, ctx: _Context):
+        self.target, self.ctx = target, ctx
+        ctx.owner = weakref.ref(self)
+        ctx.clear()
+        self.past = 0
+        self.pending: list[int] = []  # tokens at positions past - len(pending) .. past - 1, not yet in the cache
+        self._last: tuple[_Layout, list[int]] | None = None  # layout and parents of the last verified tree
+        self.exact = target.mode == "exact"
+
+    def _check(self, n: int, depth: int) -> None:
+        if self.ctx.owner() is not self:
+            raise SpecframeError("this llama.cpp session was superseded by a newer one on the same target; "
+                                 "start one session per request and finish it before the next")
+        if self.past + depth + 1 > self.target.max_context:
+            raise SpecframeError(f"sequence of {self.past + depth + 1} tokens exceeds the context of target "
+                                 f"'{self.target.name}' ({self.target.max_context}); raise --backend-option n_ctx=N")
+
+    def prefill(self, ids: list[int]) -> torch.Tensor | None:
+        """Consume ``ids`` into sequence 0. Returns their features (len, F) or None."""
+        if not ids:
+            return None
+        self._check(len(ids), len(ids) - 1)
+        self._flush()
+        feats = []
+        for start in range(0, len(ids), N_BATCH):
+            chunk = ids[start:start + N_BATCH]
+            pos = list(range(self.past, self.past + len(chunk)))
+            _, f = self.ctx.decode(chunk, pos, [[0]] * len(chunk), [i == len(chunk) - 1 for i in range(len(chunk))])
+            self.past += len(chunk)
+            if f is not None:
+                feats.append(f)
+        return torch.from_numpy(np.concatenate(feats)) if feats else None
+
+    def _flush(self) -> None:
+        """Decode pending tokens on their own (before a prefill or a truncate)."""
+        if self.pending:
+            start = self.past - len(self.pending)
+            toks, self.pending = self.pending, []
+            self.ctx.decode(toks, list(range(start, start + len(toks))), [[0]] * len(toks), [False] * len(toks))
+
+    def verify(self, tree: Tree) -> ForwardOut:
+        """One ``llama_decode`` over every node of ``tree`` (after any pending tokens)."""
+        parents = tree.parents.tolist()
+        tokens, depths = tree.tokens.tolist(), tree.depths.tolist()
+        self._check(len(tokens), max(depths))
+        lay = layout_tree(parents)
+        ctx, past, k = self.ctx, self.past, len(self.pending)
+        if len(tokens) + k > N_BATCH:
+            raise SpecframeError(f"a tree of {len(tokens)} nodes (+{k} pending) exceeds llama.cpp's batch of {N_BATCH}")
+        everyone = list(range(lay.leaves))
+        for s in everyone[1:]:
+            ctx.seq_cp(0, s)  # every leaf sequence shares the committed prefix
+        batch_tok = self.pending + [tokens[i] for i in lay.order]
+        batch_pos = list(range(past - k, past)) + [past + depths[i] for i in lay.order]
+        batch_seq = [everyone] * k + [lay.seqs[i] for i in lay.order]
+        flags = [False] * k + [True] * len(tokens)
+        rows, feats = ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows)
+        self.pending = []
+        inverse = np.empty(len(tokens), dtype=np.int64)
+        inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row among the outputs
+        logits = torch.from_numpy(rows[inverse])
+        if feats is not None:
+            feats = torch.from_numpy(feats[k:][inverse])
+        self._last = (lay, tokens)
+        return ForwardOut(logits, feats)
+
+    def keep(self, path: list[int], tree_size: int) -> None:
+        """Keep the accepted ``path`` (node indices, root first) in sequence 0; drop every other node."""
+        ctx, past, m = self.ctx, self.past, len(path)
+        lay, tokens = self._last
+        row = {node: r for r, node in enumerate(lay.order)}
+        in_place = 0  # the longest prefix of the path whose cells are where a plain decode puts them
+        while in_place < m and row[path[in_place]] == in_place:
+            in_place += 1
+        keep = in_place if self.exact else m
+        leaf_seq = lay.seqs[path[-1]][0]  # a leaf below the last accepted node
+        if leaf_seq != 0:
+            ctx.seq_rm(0, past)
+            ctx.seq_cp(leaf_seq, 0, past, past + keep)
+        else:
+            ctx.seq_rm(0, past + keep)
+        for s in range(1, lay.leaves):
+            ctx.seq_rm(s, -1)
+        if keep < m:  # exact mode: decode the rest again, in place, with the next batch
+            self.pending = [tokens[i] for i in path[keep:]]
+        self.past += m
+        self._last = None
+
+    def rollback(self, n: int) -> None:
+        """Forget the last verification (e.g. a timing probe): every cell at or after ``past``."""
+        if n:
+            self.ctx.seq_rm(-1, self.past)
+            if self._last is not None:
+                for s in range(1, self._last[0].leaves):
+                    self.ctx.seq_rm(s, -1)
+            self._last = None
+
+    def truncate(self, length: int) -> None:
+        """Forget committed tokens beyond the first ``length``."""
+        if length < self.past:
+            self._flush()
+            self.ctx.seq_rm(-1, length)
+            self.past = length
