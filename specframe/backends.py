@@ -111,7 +111,7 @@ def load_target(spec: str | None = None, backend: str | None = None, *, registry
     from .registry import Registry
 
     registry = registry or Registry()
-    name, why = (backend, "") if backend not in (None, AUTO) else choose_backend(spec, device, registry)
+    name, why = (backend, "") if backend not in (None, AUTO) else choose_backend(spec, device, registry, dtype)
     load = registry.get("backend", name).factory
     options = dict(options or {})
     if options:
@@ -142,10 +142,11 @@ def load_target(spec: str | None = None, backend: str | None = None, *, registry
     return target
 
 
-def choose_backend(spec: str | None, device: str = "cpu", registry=None) -> tuple[str, str]:
+def choose_backend(spec: str | None, device: str = "cpu", registry=None, dtype="float32") -> tuple[str, str]:
     """The backend ``auto`` picks for ``spec``, and why: among registered backends whose loader says
-    ``claims(spec, device) -> (ok, reason)`` is ok, the one with the highest ``auto_priority``; else
-    ``hf``. The reason of the winner, or of the best refused claim when ``hf`` is the fallback, comes back."""
+    ``claims(spec, device, dtype) -> (ok, reason)`` is ok, the one with the highest ``auto_priority``;
+    else ``hf``. The reason of the winner, or of the best refused claim (one that gave a reason) when
+    ``hf`` is the fallback, comes back; the reason is empty when ``hf`` is simply the default."""
     from .registry import Registry
 
     registry = registry or Registry()
@@ -156,15 +157,12 @@ def choose_backend(spec: str | None, device: str = "cpu", registry=None) -> tupl
         if claims is None:
             continue
         priority = getattr(load, "auto_priority", 0)
-        ok, reason = claims(spec, device)
+        ok, reason = claims(spec, device, dtype)
         if ok and priority > best_priority:
             best, best_priority, why = name, priority, str(reason)
         elif not ok and reason:
             refused.append((priority, name, str(reason)))
-    if not why:
-        if refused:
-            _, name, reason = max(refused)
-            why = f"not '{name}': {reason}"
-        else:
-            why = "transformers runs any hub id, model directory or .gguf file"
+    if not why and refused:
+        _, name, reason = max(refused)
+        why = f"not '{name}': {reason}"
     return best, why

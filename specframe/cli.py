@@ -156,8 +156,8 @@ def run(ctx, policy, target, backend, backend_options, drafter, prompt, prompt_f
 
 
 def say_auto_fallbacks(gen) -> None:
-    """One line on stderr for what ``--backend auto`` chose and why, and one when the drafter's ``auto``
-    fell back to a lesser drafter."""
+    """One line on stderr for what ``--backend auto`` chose when it chose another runtime than the default
+    or fell back from one (and why), and one when the drafter's ``auto`` fell back to a lesser drafter."""
     note = getattr(gen.target, "backend_note", "")
     if note:
         click.echo(f"specframe: backend auto -> {gen.target.backend}: {note}", err=True)

@@ -118,6 +118,14 @@ def plain_greedy(model, prompt: list[int], n: int, eos: set[int] | frozenset = f
     return out
 
 
+def pin_hf_backend(monkeypatch) -> None:
+    """Make ``--backend auto`` choose ``hf`` (for tests that replace ``Target.load`` with a tiny model):
+    the built-in llama.cpp backend claims nothing."""
+    from specframe.plugins import backends
+
+    monkeypatch.setattr(backends.load_llamacpp, "claims", lambda spec, device="cpu", dtype="float32": (False, ""))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return make_tiny_model("llama")

@@ -42,19 +42,19 @@ def registry():
 
 def test_builtin_hf_backend_registers_like_a_plugin():
     registry = Registry(make_plugin_set(allow=set()))
-    assert registry.names("backend") == ["hf"]
-    assert registry.get("backend", "hf").plugin == "backends"
+    assert registry.names("backend") == ["hf", "llama.cpp"]
+    assert {registry.get("backend", name).plugin for name in ("hf", "llama.cpp")} == {"backends"}
 
 
 def test_a_third_party_backend_loads_targets(registry):
     target = load_target("toy", "small", registry=registry)
     assert isinstance(target, SmallTarget) and target.name == "small:toy" and target.backend == "small"
-    assert sorted(registry.names("backend")) == ["broken", "hf", "small"]
+    assert sorted(registry.names("backend")) == ["broken", "hf", "llama.cpp", "small"]
 
 
 def test_unknown_and_failing_backends_are_one_clear_error(registry):
-    with pytest.raises(UnknownComponentError, match=r"^unknown backend 'llama\.cpp'\. Known backends: broken, hf, small"):
-        load_target(None, "llama.cpp", registry=registry)
+    with pytest.raises(UnknownComponentError, match=r"^unknown backend 'vllm'\. Known backends: broken, hf, llama\.cpp, small"):
+        load_target(None, "vllm", registry=registry)
     with pytest.raises(SpecframeError, match=r"^backend 'broken' \(plugin 'extra-0'\) failed to load target 'x': "
                                              r"RuntimeError: no such runtime here$"):
         load_target("x", "broken", registry=registry)

@@ -21,7 +21,7 @@ import specframe
 from specframe import Registry, SpecGenerator, Target
 from specframe.cli import cli
 
-from conftest import TinyTokenizer
+from conftest import TinyTokenizer, pin_hf_backend
 
 VOCAB = 64
 CONTEXT = 64  # max_position_embeddings of the tiny model
@@ -63,6 +63,7 @@ def loads(monkeypatch, tiny):
         return tiny
 
     monkeypatch.setattr(Target, "load", classmethod(fake_load))
+    pin_hf_backend(monkeypatch)
     return calls
 
 
@@ -74,6 +75,7 @@ def no_load(monkeypatch):
         raise AssertionError("Target.load was called although the input was invalid")
 
     monkeypatch.setattr(Target, "load", classmethod(fail))
+    pin_hf_backend(monkeypatch)
 
 
 @pytest.fixture
@@ -162,7 +164,7 @@ def test_run_streams_text_and_prints_stats_line(runner, loads, tiny):
     # auto never falls back silently: the tiny model has no shipped block drafter
     assert lines[0].startswith("specframe: drafter auto -> ngram: 'dflash' is not available (no shipped block "
                                "drafter fits target 'tiny'"), lines[0]
-    m = re.fullmatch(r"\[best-first · drafter ngram · (\d+) tokens in (\d+\.\d\d) s · (\d+\.\d) tok/s · "
+    m = re.fullmatch(r"\[best-first · backend hf · drafter ngram · (\d+) tokens in (\d+\.\d\d) s · (\d+\.\d) tok/s · "
                      r"τ (\d+\.\d\d) · (\d+) steps · mean tree (\d+\.\d) nodes\]", lines[1])
     assert m, lines[1]
     tokens, wall, rate, tau, steps, tree = m.groups()

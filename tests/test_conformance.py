@@ -264,3 +264,25 @@ def test_sampling_on_the_backends_tree_logits_is_exactly_lossless(target, params
     fn = BackendFn(target, params)
     tree = likely_tree(target, params)
     assert lossless_error(SampleVerifier(sampling=params), tree, fn, params) < 1e-6
+
+
+# ============================================================================================ the embedded GGUF
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed")
+def test_the_embedded_q4_1_gguf_every_policy_and_the_peers_equal_plain_llamacpp():
+    """SmolLM2-135M-Instruct straight from its Q4_1 file (no de-quantised copy): every policy, bastion's
+    hybrid drafter (hidden states through the eval callback) included, and llama-cpp-python's own loops
+    give the backend's plain greedy tokens."""
+    target = load_target(None, "llama.cpp")
+    assert target.backend == "llama.cpp" and target.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    prompts = [target.encode("Write a Python function that returns the n-th Fibonacci number."),
+               target.encode("Name three rivers in Europe.")]
+    for ids in prompts:
+        truth = SpecGenerator(target, "ar").generate(ids, 48).token_ids
+        assert len(truth) == 48
+        for policy in POLICIES:
+            gen = SpecGenerator(target, policy)
+            assert gen.generate(ids, 48).token_ids == truth, policy
+        assert SpecGenerator(target, "bastion").components.names["drafter"] == "hybrid"
+        for peer in target.peer_names:
+            assert target.peer(peer)(ids, 48) == truth, peer

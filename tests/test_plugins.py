@@ -26,7 +26,7 @@ from specframe.engine import resolve_components
 from specframe.errors import PluginError, SpecframeError
 from specframe.registry import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, PluginSet
 
-from conftest import TinyTokenizer
+from conftest import TinyTokenizer, pin_hf_backend
 
 VOCAB = 64
 PROMPT_IDS = [5, 9, 13, 5, 9, 13, 5, 9, 13, 5, 9]  # repetitive: the ngram drafter finds matches
@@ -252,6 +252,7 @@ def test_third_party_drafter_drives_speculation(site, tiny, ar_ids):
 def test_third_party_drafter_through_cli(site, tiny, ar_ids, monkeypatch):
     site.add("oracleplug", {"oracle": ORACLE_DRAFTER_PLUGIN}, {"oracle": "oracle"})
     monkeypatch.setattr(Target, "load", classmethod(lambda cls, *a, **k: tiny))
+    pin_hf_backend(monkeypatch)
     from specframe.cli import cli
 
     prompt = "".join(chr(ord("@") + t) for t in PROMPT_IDS)  # char_tokenizer maps these back to PROMPT_IDS

@@ -31,6 +31,7 @@ openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from specframe import SpecGenerator, Target  # noqa: E402
+from specframe.backends import load_target  # noqa: E402
 from specframe.serve import TextStream, wait_until_ready  # noqa: E402
 
 MODEL = "tiny"
@@ -509,7 +510,7 @@ def test_embedded_model_through_http_is_plain_decoding(tmp_path):
                                                              temperature=0, stream=True), chat=True)
     finally:
         srv.stop()
-    gen = SpecGenerator(Target.load(None), "ar")
+    gen = SpecGenerator(load_target(None), "ar")  # the backend `serve` chose (auto): its own plain decoding
     ref = gen.generate(gen.target.encode_messages(messages), 24)
     assert out.specframe["token_ids"] == ref.token_ids and out.choices[0].message.content == ref.text == text
     assert out.specframe["tau"] >= 1
