@@ -382,6 +382,13 @@ class DFlashDrafter(Drafter):
 
     auto_priority = 10
 
+    @staticmethod
+    def trainer():
+        """The module that trains this drafter for a target by self-distillation (``specframe train-drafter``)."""
+        from specframe.plugins import dflash_train
+
+        return dflash_train
+
     def describe(self) -> str:
         return f"dflash:{self.path}"
 

@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Sequence
 
 from specframe import hookimpl
-from specframe.components import BuiltTree, Draft, ExpansionContext, ExpansionPolicy, TreeBuilder
+from specframe.components import BuiltTree, Draft, ExpansionContext, ExpansionPolicy, Gating, TreeBuilder
 
 
 def _positive(name: str, value: int | None) -> int | None:
@@ -152,7 +152,7 @@ class AdaptiveBestFirst(ExpansionPolicy):
 
     def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0, gate: bool = True):
         self.max_nodes = _positive("max_nodes", max_nodes)
-        self.gates_drafting = bool(gate)
+        self.gating = Gating.DRAFT if gate else Gating.NONE
         if not isinstance(patience, int) or patience < 0 or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError("patience and min_nodes must be integers >= 0")
         self.patience, self.min_nodes = patience, min_nodes

@@ -20,18 +20,20 @@ import torch
 
 from specframe import hookimpl
 from specframe.clock import Clock, real_clock
-from specframe.components import Candidate, Draft, Drafter, EmptyDraft
+from specframe.components import Candidate, Draft, Drafter, EmptyDraft, Gating
 from specframe.errors import SpecframeError
 from specframe.gate import SourceGates
 
 
 class MergedDraft(Draft):
-    """The union of several drafts; a handle is a tuple with one handle (or None) per source."""
+    """The union of several sources' drafts (source i's candidates carry source id i); a handle is a
+    tuple with one handle (or None) per source."""
 
-    def __init__(self, drafts: list[Draft]):
-        self.drafts = drafts
-        self.max_depth = max((d.max_depth for d in drafts), default=0)
-        self.ROOT = tuple(d.ROOT for d in drafts)
+    def __init__(self, sources: list[Draft]):
+        self.sources = sources
+        self.drafts = [_relabel(d, i) for i, d in enumerate(sources)]
+        self.max_depth = max((d.max_depth for d in sources), default=0)
+        self.ROOT = tuple(d.ROOT for d in sources)
 
     def children(self, handle: tuple, depth: int) -> list[Candidate]:
         merged: dict[int, list] = {}  # token -> [best logq, best source, per-source handles]
@@ -52,6 +54,9 @@ class MergedDraft(Draft):
     def validate(self, vocab_size: int) -> None:
         for draft in self.drafts:
             draft.validate(vocab_size)
+
+    def parts(self) -> list[Draft]:
+        return list(self.sources)
 
 
 class HybridDrafter(Drafter):
@@ -92,9 +97,9 @@ class HybridDrafter(Drafter):
         self._mark = clock()
 
     @property
-    def gates_sources(self) -> bool:
+    def gating(self) -> Gating:
         """The hybrid gates its own sources (so the engine's draft gate leaves it alone)."""
-        return self.gates is not None
+        return Gating.SOURCES if self.gates is not None else Gating.NONE
 
     @classmethod
     def availability(cls, target) -> tuple[bool, str]:
@@ -140,7 +145,7 @@ class HybridDrafter(Drafter):
             self._draft_s.append(self.clock() - t0)
         if all(isinstance(d, EmptyDraft) for d in raw):
             return EmptyDraft()
-        return MergedDraft([_relabel(d, i) for i, d in enumerate(raw)])
+        return MergedDraft(raw)
 
 
 class _Relabelled(Draft):

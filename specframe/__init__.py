@@ -30,7 +30,8 @@ from .components import (
     Verdict,
     Verifier,
 )
-from .engine import Generation, SpecGenerator, resolve_components
+from .engine import Generation, SpecGenerator
+from .resolve import resolve_components
 from .errors import SpecframeError
 from .registry import PolicySpec, Registry, make_plugin_set
 from .target import Target

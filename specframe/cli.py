@@ -65,7 +65,7 @@ def generator_options(command):
 
 def check_generator_options(ctx, policy, drafter, overrides, backend=None) -> tuple:
     """Fail fast on unknown names, before loading a model: (registry, policy, parsed --set params)."""
-    from .engine import DEFAULT_POLICY, parse_overrides
+    from .resolve import DEFAULT_POLICY, parse_overrides
 
     registry = _registry(ctx)
     policy = policy or DEFAULT_POLICY
@@ -84,7 +84,7 @@ def check_backend(registry, backend) -> None:
 def load_backend_target(registry, target, backend, backend_options, dtype="float32", device="cpu"):
     """Load ``target`` on ``backend`` (``auto``/None: :func:`specframe.backends.choose_backend`)."""
     from .backends import load_target
-    from .engine import parse_value
+    from .resolve import parse_value
     from .target import quiet_transformers
 
     options = {}
@@ -249,10 +249,10 @@ class _StreamPrinter:
 def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p, top_k, repeats, seed, target,
           backend, backend_options, drafter, overrides, out_dir, no_plots, dtype, device):
     """Benchmark policies side by side in one process; writes results.jsonl, summary.json, report.md, plots."""
-    from .bench import check_methods, run_bench, split_methods
+    from .tools.bench import check_methods, run_bench, split_methods
     from .components import SamplingParams
     from .datasets import load
-    from .engine import parse_overrides
+    from .resolve import parse_overrides
 
     registry = _registry(ctx)
     labels = split_methods(methods)
@@ -288,7 +288,7 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
 def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_options, drafter, out_file):
     """Record a greedy acceptance trace (the drafter's proposal at every position) for `simulate`."""
     from .datasets import load
-    from .simulate import record_trace
+    from .tools.trace import record_trace
 
     registry = _registry(ctx)
     check_backend(registry, backend)
@@ -317,8 +317,8 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_op
 @click.pass_context
 def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, compare_dir, out_dir):
     """Replay policies over a trace with a device's latency profile (a labelled simulation)."""
-    from .bench import check_methods, split_methods
-    from .simulate import simulate as run_simulation
+    from .tools.bench import check_methods, split_methods
+    from .tools.simulate import simulate as run_simulation
     from .target import Target, quiet_transformers
 
     registry = _registry(ctx)
@@ -348,7 +348,7 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_
 @click.pass_context
 def profile(ctx, ns, contexts, repeats, target, backend, backend_options, out_file):
     """Measure this machine's verify latency table (n tree tokens × context) for `simulate`."""
-    from .simulate import measure_profile
+    from .tools.profile import measure_profile
 
     try:
         n_list = [int(x) for x in ns.split(",")]
@@ -397,7 +397,10 @@ def train_drafter(ctx, target, data_files, num_prompts, prompt_sources, feature_
     import time as _time
 
     from .target import Target, quiet_transformers
-    from .train import FeatureStore, TrainConfig, default_layer_ids, export, generate_data, read_rows, train
+
+    trainer = _registry(ctx).get("drafter", "dflash").factory.trainer()  # DFlash training lives beside its plugin
+    FeatureStore, TrainConfig, train, export = trainer.FeatureStore, trainer.TrainConfig, trainer.train, trainer.export
+    default_layer_ids, generate_data, read_rows = trainer.default_layer_ids, trainer.generate_data, trainer.read_rows
 
     if min(block_size, num_layers, steps, batch_size, anchors, max_response) <= 0 or block_size < 2:
         raise SpecframeError("--block-size (>= 2), --layers, --steps, --batch-size, --anchors and --max-response must be positive")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,11 @@ class Draft:
 
     def validate(self, vocab_size: int) -> None:
         """Raise ``ValueError`` if a candidate token is outside ``[0, vocab_size)`` or a log-prob is not finite."""
+
+    def parts(self) -> list["Draft"]:
+        """The drafts of each source that a composite draft merges, in source order (a trace records them
+        one by one, so a replay can run the composite with any subset of its sources); ``[]`` otherwise."""
+        return []
 
 
 class EmptyDraft(Draft):
@@ -111,6 +117,19 @@ def _check_candidates(cands, vocab_size: int) -> None:
             raise ValueError(f"draft log-probability {c.logq} for token {c.token} is not finite")
 
 
+class Gating(Enum):
+    """Who may skip draft work on a step, declared by drafters and expansion policies (``gating``).
+
+    An expansion policy that sizes its tree by cost declares ``DRAFT``: the engine's
+    :class:`~specframe.gate.DraftGate` then runs the drafter only while drafting pays for its time. A
+    composite drafter that gates each of its sources itself declares ``SOURCES``; the engine's gate then
+    leaves it alone, so one decision has one gate. ``NONE``: every step drafts."""
+
+    NONE = "none"
+    DRAFT = "draft"
+    SOURCES = "sources"
+
+
 class Drafter:
     """Proposes drafts. One instance serves one run; :meth:`start` begins each request.
 
@@ -121,9 +140,10 @@ class Drafter:
     name = "drafter"
     feature_layers: tuple[int, ...] = ()
     max_depth: int = 8
-    #: True when the drafter itself decides per step which of its sources to run (``hybrid`` with
-    #: ``gate=True``); the engine's draft gate then leaves it alone, so one decision has one gate.
-    gates_sources: bool = False
+    #: ``Gating.SOURCES`` when the drafter itself decides per step which of its sources to run.
+    gating: Gating = Gating.NONE
+    #: A composite drafter's draft seconds per source in its last proposal (0 for a skipped one); else None.
+    source_seconds: list[float] | None = None
 
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         """A new request: ``prompt_ids`` are all prompt tokens; ``features`` those of all but the last."""
@@ -197,9 +217,9 @@ class ExpansionPolicy:
     """Turns a :class:`Draft` into the :class:`Tree` to verify."""
 
     name = "expansion"
-    #: True lets the engine skip drafting on steps where, measured, drafting has not been paying
-    #: (a :class:`~specframe.gate.DraftGate`); the tree is then the root alone. Fixed-budget policies keep False.
-    gates_drafting = False
+    #: ``Gating.DRAFT`` lets the engine skip drafting on steps where, measured, drafting has not been
+    #: paying (a :class:`~specframe.gate.DraftGate`); the tree is then the root alone. Fixed budgets keep NONE.
+    gating: Gating = Gating.NONE
 
     def expand(self, draft: Draft, ctx: ExpansionContext) -> "BuiltTree":
         raise NotImplementedError

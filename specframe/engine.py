@@ -7,7 +7,6 @@ would produce (greedy: token for token; sampling: in distribution) whatever the 
 
 from __future__ import annotations
 
-import ast
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -15,33 +14,27 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import capabilities
+from .clock import Clock, real_clock
 from .components import (
-    AcceptanceSurrogate,
-    component_name,
     Draft,
-    CostModel,
-    EmptyDraft,
     Drafter,
+    EmptyDraft,
     ExpansionContext,
-    ExpansionPolicy,
     RunStats,
     Sampler,
     SamplingParams,
     StepRecord,
     Verifier,
 )
-from .backends import capabilities
-from .clock import Clock, real_clock
 from .errors import InvalidTreeError, PluginError, SpecframeError
-from .fit import StepCosts
-from .gate import DraftGate
-from .registry import COMPONENT_KINDS, PolicySpec, Registry
+from .learning import StepLearning
+from .registry import Registry
+from .resolve import DEFAULT_POLICY, resolve_components
 from .target import Target
 from .tree import Tree, validate_tree
 
 log = logging.getLogger("specframe")
-DEFAULT_POLICY = "bastion"
-COMPONENT_ALIASES = {"cost-model": "cost_model", "costmodel": "cost_model", "expansion-policy": "expansion"}
 
 
 @dataclass
@@ -59,206 +52,6 @@ class Generation:
         if self.components is not None:
             out["components"] = self.components
         return out
-
-
-@dataclass
-class Components:
-    """The resolved components of one policy, plus the names they were resolved from."""
-
-    policy: PolicySpec
-    drafter: Drafter
-    surrogate: AcceptanceSurrogate
-    cost_model: CostModel
-    expansion: ExpansionPolicy
-    names: dict[str, str]
-    notes: dict[str, str]  # component -> why ``auto`` chose it (only for components resolved by ``auto``)
-
-    def describe(self) -> dict:
-        """Names as resolved, each component's own description where it gives one (a drafter's checkpoint
-        path, a hybrid's sources), and the ``auto`` choices' reasons — for ``--json`` output and logs."""
-        details = {}
-        for comp in ("drafter", "surrogate", "cost_model", "expansion"):
-            describe = getattr(getattr(self, comp), "describe", None)
-            if callable(describe):
-                details[comp] = str(describe())
-        return {"policy": self.policy.name, "names": dict(self.names), "details": details, "auto": dict(self.notes)}
-
-
-def parse_value(text: str):
-    """``--set`` values: Python literals where they parse (16, 0.5, True, 4,2,2), else the string."""
-    lowered = text.strip().lower()
-    if lowered in {"true", "false"}:
-        return lowered == "true"
-    if lowered in {"none", "null"}:
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, object]:
-    """``["budget=16", "expansion.topology=2,2,1"]`` → ``{"budget": 16, "expansion.topology": (2, 2, 1)}``."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SpecframeError(f"--set expects key=value, got '{pair}'")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
-def resolve_components(
-    registry: Registry,
-    target: Target,
-    policy: str = DEFAULT_POLICY,
-    drafter: str | Drafter | None = None,
-    overrides: Mapping[str, object] | None = None,
-    strict: bool = True,
-    clock: Clock = real_clock,
-    **objects,
-) -> Components:
-    """Resolve a policy string (``name`` or ``name:VALUE``) plus overrides into component instances.
-
-    ``overrides`` keys are ``component.param``, a bare ``param`` (routed to every component that accepts
-    it), or a component name (``surrogate``, ``cost_model``, ...) to swap that component by name.
-    ``objects`` may pass ready component instances (``surrogate=MySurrogate()``), used as they are.
-    With ``strict=False`` overrides that no component of this policy takes are ignored (for applying one
-    ``--set`` to several policies).
-    """
-    name, _, short = policy.partition(":")
-    spec = registry.policy(name)
-    chosen: dict[str, object] = dict(spec.components())
-    defaults: dict[str, object] = dict(spec.params)
-    user: dict[str, object] = {}
-    if short:
-        if not spec.shorthand:
-            raise SpecframeError(f"policy '{name}' takes no ':VALUE' shorthand; use --set key=value")
-        user[spec.shorthand] = parse_value(short)
-    for key, value in (overrides or {}).items():
-        key = COMPONENT_ALIASES.get(key, key)
-        if key in COMPONENT_KINDS:
-            chosen[key] = value
-        else:
-            user[key] = value
-    if drafter is not None:
-        chosen["drafter"] = drafter
-    for key, obj in objects.items():
-        key = COMPONENT_ALIASES.get(key, key)
-        if key not in COMPONENT_KINDS or key == "verifier":
-            raise SpecframeError(f"unknown component '{key}'; pass one of drafter, surrogate, cost_model, expansion")
-        if obj is not None:
-            chosen[key] = obj
-    notes: dict[str, str] = {}
-    if chosen["drafter"] in ("auto", "auto-hybrid"):
-        chosen["drafter"], notes["drafter"] = choose_drafter(registry, target, composite=chosen["drafter"] == "auto-hybrid")
-
-    built: dict[str, object] = {}
-    names: dict[str, str] = {}
-    params = _route_params(registry, chosen, defaults, user, strict)
-    for comp in ("drafter", "surrogate", "cost_model", "expansion"):
-        value = chosen[comp]
-        if not isinstance(value, str):
-            built[comp], names[comp] = value, component_name(value)
-            continue
-        base, _, arg = value.partition(":")
-        kwargs = dict(params.get(comp, {}))
-        if arg:
-            kwargs["path"] = arg
-        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target, registry=registry,
-                                     clock=clock)
-        names[comp] = value
-    names["verifier"] = str(chosen["verifier"])
-    return Components(spec, built["drafter"], built["surrogate"], built["cost_model"], built["expansion"], names,
-                      notes)
-
-
-def default_drafter(registry: Registry, target: Target, composite: bool = False) -> str:
-    """The drafter ``auto`` resolves to (see :func:`choose_drafter`)."""
-    return choose_drafter(registry, target, composite)[0]
-
-
-def choose_drafter(registry: Registry, target: Target, composite: bool = False) -> tuple[str, str]:
-    """The drafter ``auto`` resolves to, and why: among registered drafters whose factory says
-    ``available_for(target)``, the one with the highest ``auto_priority``; else ``ngram``. Composite
-    drafters (``composite = True``, e.g. ``hybrid``) only count for ``auto-hybrid``. A factory may
-    explain its answer with ``availability(target) -> (ok, reason)`` instead of ``available_for``; the
-    reason of the winner (or of the best refused candidate, when ``ngram`` is the fallback) comes back."""
-    best, best_priority, why = "ngram", float("-inf"), ""
-    refused: list[tuple[float, str, str]] = []
-    for name in registry.names("drafter"):
-        factory = registry.get("drafter", name).factory
-        if getattr(factory, "composite", False) and not composite:
-            continue
-        priority = getattr(factory, "auto_priority", 0)
-        if priority <= best_priority:
-            continue
-        verdict = _availability(name, factory, target)
-        if verdict is None:
-            continue
-        ok, reason = verdict
-        if ok:
-            best, best_priority, why = name, priority, reason
-        else:
-            refused.append((priority, name, reason))
-    if best == "ngram" and not why:
-        if refused:
-            _, name, reason = max(refused)
-            why = f"'{name}' is not available ({reason}); prompt lookup needs no model"
-        else:
-            why = "no drafter that needs a model is registered for this target; prompt lookup needs no model"
-    return best, why
-
-
-def _availability(name: str, factory, target: Target) -> tuple[bool, str] | None:
-    """``(ok, reason)`` from a drafter factory's ``availability`` / ``available_for``, or None if it has neither."""
-    explain, check = getattr(factory, "availability", None), getattr(factory, "available_for", None)
-    try:
-        if explain is not None:
-            ok, reason = explain(target)
-            return bool(ok), str(reason)
-        if check is not None:
-            ok = bool(check(target))
-            return ok, f"'{name}' says it is {'available' if ok else 'not available'} for this target"
-    except SpecframeError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        method = "availability" if explain is not None else "available_for"
-        raise PluginError(f"drafter '{name}' failed in {method}: {type(err).__name__}: {err}") from err
-    return None
-
-
-def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict, strict: bool = True) -> dict[str, dict]:
-    """Assign parameters to components. User parameters must fit; defaults are dropped where a swapped-in
-    component does not take them."""
-    accepts: dict[str, set[str]] = {}
-    for comp, value in chosen.items():
-        if isinstance(value, str) and comp != "verifier":
-            accepts[comp] = set(registry.parameters(COMPONENT_KINDS[comp], value.partition(":")[0]))
-        else:
-            accepts[comp] = set()
-    out: dict[str, dict] = {comp: {} for comp in chosen}
-    for source, must_fit in ((defaults, False), (user, strict)):
-        for key, value in source.items():
-            comp, dot, param = key.partition(".")
-            comp = COMPONENT_ALIASES.get(comp, comp)
-            if dot:
-                if comp not in COMPONENT_KINDS:
-                    raise SpecframeError(f"unknown component '{comp}' in --set {key}; use one of {', '.join(COMPONENT_KINDS)}")
-                targets = [comp] if param in accepts[comp] else []
-            else:
-                param = key
-                targets = [c for c, ps in accepts.items() if param in ps]
-            if not targets:
-                if not must_fit:
-                    continue
-                known = sorted(f"{c}.{p}" for c, ps in accepts.items() for p in ps)
-                raise SpecframeError(
-                    f"no component of this policy takes the parameter '{key}'; settable: {', '.join(known) or '(none)'}"
-                )
-            for comp_name in targets:
-                out[comp_name][param] = value
-    return out
 
 
 class SpecGenerator:
@@ -295,10 +88,13 @@ class SpecGenerator:
         self.max_tree_nodes = max_tree_nodes
         self._verifiers: dict[SamplingParams, Verifier] = {}
         self.observers = Observers(self.registry.pm)
-        self.costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
-        self.calibrated = False  # the cost model is calibrated once per generator, on its first prompt
-        gated = getattr(self.components.expansion, "gates_drafting", False)
-        self.gate = DraftGate() if gated and not getattr(self.components.drafter, "gates_sources", False) else None
+        # the draft gate, the stopping rule's step costs, calibration: learned across this generator's steps
+        self.learning = StepLearning.for_components(self.components.expansion, self.components.drafter, clock)
+
+    @property
+    def gate(self):
+        """The engine's draft gate, or None when the policy does not gate drafting (or the drafter gates itself)."""
+        return self.learning.gate
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",
@@ -373,7 +169,7 @@ class _Run:
     """One generation's loop state (kept off the generator so generate() is re-entrant per call)."""
 
     def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream):
-        self.gen, self.c, self.t = gen, gen.components, gen.target
+        self.gen, self.c, self.t, self.learning = gen, gen.components, gen.target, gen.learning
         self.ids, self.max_new = ids, max_new
         self.verifier_name, self.verifier, self.sampler, self.stream = verifier_name, verifier, sampler, stream
         self.eos = set(self.t.eos_token_ids)
@@ -397,8 +193,8 @@ class _Run:
         feats = session.prefill(self.ids[:-1])
         self._call(f"drafter '{names['drafter']}'", c.drafter.start, list(self.ids), feats)
         self.stats.prefill_s = clock() - t0
-        if not self.gen.calibrated:  # once per generator; not counted as decoding time
-            self.gen.calibrated = True
+        if not self.learning.calibrated:  # once per generator; not counted as decoding time
+            self.learning.calibrated = True
             started = clock()
             self._call(f"cost model '{names['cost_model']}'", c.cost_model.calibrate, self._timer(session), session.past)
             t0 += clock() - started
@@ -497,16 +293,15 @@ class _Run:
 
     def step(self, session, context: list[int], remaining: int) -> list[int]:
         """One draft → expand → verify → commit step; returns the committed tokens."""
-        c, names, gate, clock = self.c, self.c.names, self.gen.gate, self.clock
+        c, names, learning, clock = self.c, self.c.names, self.learning, self.clock
         past = session.past
         max_nodes, max_depth = self.bounds(past, remaining)
-        drafting = gate is None or gate.want()
+        drafting = learning.begin_step()
         t0 = clock()
         draft = self.propose(context, max_depth) if drafting else EmptyDraft()
         t1 = clock()
-        costs = self.gen.costs
         ctx = ExpansionContext(context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model,
-                               costs.fixed_seconds, costs.per_node)
+                               learning.draft_seconds, learning.node_seconds)
         built = self.expand(draft, ctx)
         tree = built.tree
         predicted = self.predict_cost(tree.size, past)
@@ -540,10 +335,7 @@ class _Run:
             predicted_verify_s=float(predicted),
             drafted=drafting,
         )
-        if drafting:  # the stopping rule's D and per-node host time: what a step costs besides the forward
-            costs.observe(tree.size, record.draft_s, record.overhead_s)
-        if gate is not None:
-            gate.record(drafting, len(committed), t4 - t0, record.draft_s)
+        learning.end_step(record)
         self.stats.records.append(record)
         self.stats.steps += 1
         self.gen.observers.step_end(record, self.stats.steps - 1)

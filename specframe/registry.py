@@ -10,6 +10,7 @@ or distribution names; set it to the empty string to load none. Built-ins always
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata as md
 import inspect
@@ -252,6 +253,14 @@ class Registry:
         if spec.name in self.policies:
             raise PluginError(f"policy '{spec.name}' is registered by both '{self.policies[spec.name][1]}' and '{plugin}'")
         self.policies[spec.name] = (spec, plugin)
+
+    def extended(self, kind: str, name: str, factory: Callable, plugin: str) -> "Registry":
+        """A copy of this registry with one more component (an in-process one, e.g. the simulator's
+        trace drafter); this registry is left as it was."""
+        out = copy.copy(self)
+        out.components = {k: dict(table) for k, table in self.components.items()}
+        out._add(kind, name, factory, plugin)
+        return out
 
     # ------------------------------------------------------------------ lookup
     def names(self, kind: str) -> list[str]:

@@ -11,10 +11,12 @@ from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specframe import SpecGenerator, Target
-from specframe.bench import run_bench, split_methods
+from specframe.tools.bench import run_bench, split_methods
 from specframe.cli import cli
 from specframe.datasets import Prompt
-from specframe.simulate import measure_profile, record_trace, simulate
+from specframe.tools.profile import measure_profile
+from specframe.tools.simulate import simulate
+from specframe.tools.trace import record_trace
 
 from conftest import TinyTokenizer
 
@@ -94,7 +96,7 @@ def test_bench_end_to_end(target, dataset, tmp_path):
 
 def test_bench_records_mismatches_as_failures(target, dataset, tmp_path, monkeypatch):
     """A method whose greedy output differs from ar's must be reported, not hidden."""
-    import specframe.bench as bench
+    import specframe.tools.bench as bench
 
     real = bench.run_one
 

@@ -15,7 +15,7 @@ from specframe import Registry, SpecGenerator, Target
 from specframe.cli import cli
 from specframe.errors import SpecframeError
 from specframe.plugins.dflash import DFlashDrafter, DFlashModel
-from specframe.train import (
+from specframe.plugins.dflash_train import (
     FeatureStore,
     TrainConfig,
     block_batch,
@@ -276,7 +276,7 @@ def test_init_from_a_drafter_keeps_its_held_out_rows_and_restarts_the_schedule(t
                       anchors_per_seq=4, lr=3e-3, warmup=2, eval_every=1000, save_every=1000, eval_sequences=8)
     first = train(target, store, tmp_path / "w1", cfg, log=lambda msg: None)
     exported = tmp_path / "exported"
-    from specframe.train import export
+    from specframe.plugins.dflash_train import export
 
     export(first, exported, dtype=torch.float32)
     card = (exported / "TRAINING.md").read_text()

@@ -315,7 +315,7 @@ def builtin_registry():
 
 @pytest.mark.parametrize("words", SHELL_COMMANDS)
 def test_shell_commands_in_docs_parse(words, builtin_registry):
-    from specframe.bench import check_methods, split_methods
+    from specframe.tools.bench import check_methods, split_methods
     from specframe.cli import cli
 
     if not words or words[0] in ("-h", "--help", "--version"):

@@ -33,7 +33,7 @@ from specframe.plugins.cost_models import ConstantCost
 from specframe.plugins.expansion import AdaptiveBestFirst, BestFirst, Chain, StaticTree
 from specframe.plugins.hybrid import HybridDrafter, MergedDraft
 from specframe.plugins.surrogates import Calibrated, PathConfidence
-from specframe.train import TrainConfig, new_drafter
+from specframe.plugins.dflash_train import TrainConfig, new_drafter
 from specframe.tree import Tree, validate_tree
 
 from conftest import make_tiny_model, new_target, plain_greedy

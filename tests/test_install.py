@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from specframe import Registry, SpecGenerator, make_plugin_set
-from specframe.engine import choose_drafter
+from specframe.resolve import choose_drafter
 from specframe.resources import shipped_drafters_dir
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import specframe
 from specframe import Registry, RunStats, SpecGenerator, StepRecord, Target, hookimpl, make_plugin_set
-from specframe.engine import resolve_components
+from specframe.resolve import resolve_components
 from specframe.errors import PluginError, SpecframeError
 from specframe.registry import DEFAULT_PLUGINS, ENTRY_POINT_GROUP, PluginSet
 

@@ -12,7 +12,7 @@ from specframe import datasets
 from specframe.cli import cli
 from specframe.datasets import python_stdlib, python_stdlib_methods, training_prompts
 from specframe.errors import SpecframeError
-from specframe.train import FeatureStore, TrainConfig, generate_data, read_rows, train
+from specframe.plugins.dflash_train import FeatureStore, TrainConfig, generate_data, read_rows, train
 
 from conftest import new_target, plain_greedy
 

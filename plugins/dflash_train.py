@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SpecframeError
-from .target import Target
+from specframe.errors import SpecframeError
+from specframe.target import Target
 
 MAX_PROMPT_TOKENS = 384
 
@@ -65,7 +65,7 @@ def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: i
     (:func:`specframe.datasets.training_prompts`; never an evaluation prompt). Answers are made in
     length-sorted batches; a rerun appends to ``out`` and skips the prompts it already holds. Past
     ``deadline`` (a ``time.time()``) it stops after the batch in flight."""
-    from .datasets import encode, training_prompts
+    from specframe.datasets import encode, training_prompts
 
     done: set[str] = set()
     if out.is_file():

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import datasets
-from .components import SamplingParams
-from .engine import SpecGenerator
-from .errors import SpecframeError
-from .registry import Registry
-from .target import Target
+from .. import datasets
+from ..components import SamplingParams
+from ..engine import SpecGenerator
+from ..errors import SpecframeError
+from ..registry import Registry
+from ..target import Target
 
 
 
