@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import SpecframeError, plural
-from .registry import COMPONENT_KINDS, KIND_HOOKS, Registry, make_plugin_set, warn_problems
+from .registry import COMPONENT_KINDS, KIND_HOOKS, Registry, kind_label, make_plugin_set, warn_problems
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -309,14 +309,14 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_op
               help="Latency table {points: [{n, c, ms_median}]} of the device to simulate.")
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
-@click.option("--overhead-ms", type=float, default=None, help="Host overhead per step at n = 1 (default: the trace's median); bigger trees add their measured host work.")
+@click.option("--overhead-ms", type=float, default=None, help="Host overhead per step at n = 1 (default: the trace's median); bigger trees add the profile's per-node host time.")
 @click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing); for a hybrid trace, the time of a step where every source runs, split in the traced proportions.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
               help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
 def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, compare_dir, out_dir):
-    """Replay policies over a trace with a device's latency profile (a labelled simulation)."""
+    """Run policies through the engine over a trace, on a device's latency profile (a labelled simulation)."""
     from .tools.bench import check_methods, split_methods
     from .tools.simulate import simulate as run_simulation
     from .target import Target, quiet_transformers
@@ -525,7 +525,7 @@ def components(ctx):
     """List every registered component by kind, with its parameters."""
     registry = _registry(ctx)
     for kind in KIND_HOOKS:
-        click.echo(f"{plural(kind)}:")
+        click.echo(f"{plural(kind_label(kind))}:")
         for name in registry.names(kind):
             params = registry.parameters(kind, name)
             shown = ", ".join(

@@ -40,15 +40,22 @@ DEFAULT_PLUGINS = (
     "specframe.policies.bastion",
 )
 
-# registry kind -> the hook that fills it
+# registry kind -> the hook that fills it. A component kind is spelled as everywhere else: the PolicySpec
+# field, the --set prefix, the keyword of resolve_components (``cost_model``, ``expansion``)
 KIND_HOOKS = {
     "backend": "register_backends",
     "drafter": "register_drafters",
     "surrogate": "register_surrogates",
-    "cost model": "register_cost_models",
-    "expansion policy": "register_expansion_policies",
+    "cost_model": "register_cost_models",
+    "expansion": "register_expansion_policies",
     "verifier": "register_verifiers",
 }
+KIND_LABELS = {"cost_model": "cost model", "expansion": "expansion policy"}  # how messages say a kind
+
+
+def kind_label(kind: str) -> str:
+    """A kind in words, for messages (``cost_model`` -> ``cost model``)."""
+    return KIND_LABELS.get(kind, kind)
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith(("register_", "on_")))
 
 
@@ -198,13 +205,7 @@ class PolicySpec:
         }
 
 
-COMPONENT_KINDS = {
-    "drafter": "drafter",
-    "surrogate": "surrogate",
-    "cost_model": "cost model",
-    "expansion": "expansion policy",
-    "verifier": "verifier",
-}
+COMPONENT_KINDS = ("drafter", "surrogate", "cost_model", "expansion", "verifier")
 
 
 @dataclass
@@ -241,10 +242,11 @@ class Registry:
 
     def _add(self, kind: str, name: str, factory: Callable, plugin: str) -> None:
         if not isinstance(name, str) or not callable(factory):
-            raise PluginError(f"plugin '{plugin}' registered a {kind} with a bad name or non-callable factory: {name!r}")
+            raise PluginError(f"plugin '{plugin}' registered a {kind_label(kind)} with a bad name or non-callable "
+                              f"factory: {name!r}")
         if name in self.components[kind]:
             other = self.components[kind][name].plugin
-            raise PluginError(f"{kind} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'")
+            raise PluginError(f"{kind_label(kind)} '{name}' is registered by both plugin '{other}' and plugin '{plugin}'")
         self.components[kind][name] = Registered(factory, plugin)
 
     def _add_policy(self, spec: PolicySpec, plugin: str) -> None:
@@ -264,7 +266,12 @@ class Registry:
 
     # ------------------------------------------------------------------ lookup
     def names(self, kind: str) -> list[str]:
-        return sorted(self.policies) if kind == "policy" else sorted(self.components[kind])
+        return sorted(self.policies) if kind == "policy" else sorted(self._table(kind))
+
+    def _table(self, kind: str) -> dict[str, Registered]:
+        if kind not in self.components:
+            raise SpecframeError(f"unknown component kind '{kind}'; the kinds are {', '.join(self.components)}")
+        return self.components[kind]
 
     def policy(self, name: str) -> PolicySpec:
         if name not in self.policies:
@@ -272,9 +279,9 @@ class Registry:
         return self.policies[name][0]
 
     def get(self, kind: str, name: str) -> Registered:
-        table = self.components[kind]
+        table = self._table(kind)
         if name not in table:
-            raise UnknownComponentError(kind, name, table)
+            raise UnknownComponentError(kind_label(kind), name, table)
         return table[name]
 
     def parameters(self, kind: str, name: str) -> dict[str, inspect.Parameter]:
@@ -295,7 +302,7 @@ class Registry:
         if unknown:
             listing = ", ".join(allowed) or "(none)"
             raise SpecframeError(
-                f"{kind} '{name}' has no parameter '{unknown[0]}'{close_matches_hint(unknown[0], allowed)}; "
+                f"{kind_label(kind)} '{name}' has no parameter '{unknown[0]}'{close_matches_hint(unknown[0], allowed)}; "
                 f"its parameters: {listing}"
             )
         kwargs = dict(params)
@@ -307,7 +314,8 @@ class Registry:
         except SpecframeError:
             raise
         except Exception as err:  # noqa: BLE001
-            raise PluginError(f"{kind} '{name}' (plugin '{reg.plugin}') failed to start: {type(err).__name__}: {err}") from err
+            raise PluginError(f"{kind_label(kind)} '{name}' (plugin '{reg.plugin}') failed to start: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 INJECTED = ("target", "sampling", "registry", "clock")

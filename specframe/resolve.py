@@ -17,7 +17,6 @@ from .errors import PluginError, SpecframeError
 from .registry import COMPONENT_KINDS, PolicySpec, Registry
 
 DEFAULT_POLICY = "bastion"
-COMPONENT_ALIASES = {"cost-model": "cost_model", "costmodel": "cost_model", "expansion-policy": "expansion"}
 
 
 @dataclass
@@ -95,7 +94,6 @@ def resolve_components(
             raise SpecframeError(f"policy '{name}' takes no ':VALUE' shorthand; use --set key=value")
         user[spec.shorthand] = parse_value(short)
     for key, value in (overrides or {}).items():
-        key = COMPONENT_ALIASES.get(key, key)
         if key in COMPONENT_KINDS:
             chosen[key] = value
         else:
@@ -103,7 +101,6 @@ def resolve_components(
     if drafter is not None:
         chosen["drafter"] = drafter
     for key, obj in objects.items():
-        key = COMPONENT_ALIASES.get(key, key)
         if key not in COMPONENT_KINDS or key == "verifier":
             raise SpecframeError(f"unknown component '{key}'; pass one of drafter, surrogate, cost_model, expansion")
         if obj is not None:
@@ -124,7 +121,7 @@ def resolve_components(
         kwargs = dict(params.get(comp, {}))
         if arg:
             kwargs["path"] = arg
-        built[comp] = registry.build(COMPONENT_KINDS[comp], base, kwargs, target=target, registry=registry,
+        built[comp] = registry.build(comp, base, kwargs, target=target, registry=registry,
                                      clock=clock)
         names[comp] = value
     names["verifier"] = str(chosen["verifier"])
@@ -193,14 +190,13 @@ def _route_params(registry: Registry, chosen: dict, defaults: dict, user: dict, 
     accepts: dict[str, set[str]] = {}
     for comp, value in chosen.items():
         if isinstance(value, str) and comp != "verifier":
-            accepts[comp] = set(registry.parameters(COMPONENT_KINDS[comp], value.partition(":")[0]))
+            accepts[comp] = set(registry.parameters(comp, value.partition(":")[0]))
         else:
             accepts[comp] = set()
     out: dict[str, dict] = {comp: {} for comp in chosen}
     for source, must_fit in ((defaults, False), (user, strict)):
         for key, value in source.items():
             comp, dot, param = key.partition(".")
-            comp = COMPONENT_ALIASES.get(comp, comp)
             if dot:
                 if comp not in COMPONENT_KINDS:
                     raise SpecframeError(f"unknown component '{comp}' in --set {key}; use one of {', '.join(COMPONENT_KINDS)}")

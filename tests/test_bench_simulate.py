@@ -223,7 +223,7 @@ def test_simulator_carries_a_method_across_datasets_like_the_bench(target, tmp_p
 
     class Counting(Registry):  # records every expansion policy the replay builds
         def build(self, kind, name, params, **injected):
-            if kind == "expansion policy":
+            if kind == "expansion":
                 built.append(name)
             return super().build(kind, name, params, **injected)
 

@@ -170,8 +170,8 @@ def test_example_plugin_is_found_through_its_entry_point(example_plugin_installe
 
 def test_example_cost_model_is_registered_with_its_parameters(example_plugin_installed):
     registry = Registry()
-    assert registry.get("cost model", "example-linear").plugin == "costmodel-example"
-    assert list(registry.parameters("cost model", "example-linear")) == ["a", "b", "e"]
+    assert registry.get("cost_model", "example-linear").plugin == "costmodel-example"
+    assert list(registry.parameters("cost_model", "example-linear")) == ["a", "b", "e"]
 
 
 PROMPT = [5, 9, 13, 5, 9, 13, 5, 9, 13, 5, 9]  # repetitive: the ngram drafter finds matches
@@ -207,10 +207,10 @@ def test_specframe_plugins_env_switches_the_example_off(example_plugin_installed
     registry = Registry(plugin_set)
     assert "bastion" in registry.policies  # built-ins always load
     if listed:
-        registry.get("cost model", "example-linear")
+        registry.get("cost_model", "example-linear")
     else:
         with pytest.raises(UnknownComponentError):
-            registry.get("cost model", "example-linear")
+            registry.get("cost_model", "example-linear")
 
 
 @pytest.mark.slow
@@ -241,7 +241,7 @@ def test_example_package_pip_installs_and_is_listed_by_the_cli(tmp_path):
     row = next((p for p in plugins(None) if p["name"] == "costmodel-example"), None)
     assert row is not None
     assert row["distribution"] == "specframe-costmodel-example"
-    assert row["provides"] == ["cost model:example-linear"]
+    assert row["provides"] == ["cost_model:example-linear"]
     assert "costmodel-example" not in [p["name"] for p in plugins("")]
 
 

@@ -175,7 +175,7 @@ def plugin_named(plugin_set: PluginSet, name: str):
 def assert_builtins_work(registry: Registry) -> None:
     assert {"ar", "best-first", "chain", "static-tree"} <= set(registry.names("policy"))
     assert {"ngram", "none"} <= set(registry.names("drafter"))
-    assert "constant" in registry.names("cost model")
+    assert "constant" in registry.names("cost_model")
     assert {"greedy", "sample"} <= set(registry.names("verifier"))
 
 
@@ -188,9 +188,9 @@ def test_entry_point_plugin_is_discovered(site):
     assert info is not None, [p.name for p in plugin_set.plugins]
     assert (info.distribution, info.version, info.builtin, info.hooks) == ("myplug", "0.1", False, ["register_cost_models"])
     registry = Registry(plugin_set)
-    assert "mycost" in registry.names("cost model")
-    assert registry.components["cost model"]["mycost"].plugin == "mycostplug"
-    assert list(registry.parameters("cost model", "mycost")) == ["per_token"]
+    assert "mycost" in registry.names("cost_model")
+    assert registry.components["cost_model"]["mycost"].plugin == "mycostplug"
+    assert list(registry.parameters("cost_model", "mycost")) == ["per_token"]
     assert_builtins_work(registry)
 
 
@@ -218,14 +218,26 @@ def test_third_party_cost_model_usable_by_name(site, tiny, ar_ids):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"cost_model": "mycost", "per_token": 0.5}, {"cost-model": "mycost", "cost_model.per_token": 0.5},
-     {"costmodel": "mycost", "cost-model.per_token": 0.5}],
+    [{"cost_model": "mycost", "per_token": 0.5}, {"cost_model": "mycost", "cost_model.per_token": 0.5}],
 )
 def test_third_party_cost_model_parameters_are_routed(site, tiny, overrides):
     install_mycost(site)
     components = resolve_components(Registry(), tiny, "best-first", overrides=overrides)
     assert components.cost_model.per_token == 0.5
     assert components.expansion.budget == 16  # the policy default still reaches best-first
+
+
+def test_a_component_kind_has_one_spelling(site, tiny):
+    """``cost_model`` everywhere (policy field, --set prefix, registry kind); another spelling is one clear error."""
+    install_mycost(site)
+    registry = Registry()
+    assert "mycost" in registry.names("cost_model")
+    with pytest.raises(SpecframeError, match="unknown component 'cost-model' in --set cost-model.per_token"):
+        resolve_components(registry, tiny, "best-first", overrides={"cost-model.per_token": 0.5})
+    with pytest.raises(SpecframeError, match="no component of this policy takes the parameter 'costmodel'"):
+        resolve_components(registry, tiny, "best-first", overrides={"costmodel": "mycost"})
+    with pytest.raises(SpecframeError, match="unknown component kind 'cost model'; the kinds are backend, drafter"):
+        registry.names("cost model")
 
 
 def test_third_party_cost_model_unknown_parameter(site, tiny):
@@ -280,7 +292,7 @@ def test_allow_list_env(site, monkeypatch, allow, included):
     plugin_set = make_plugin_set()
     registry = Registry(plugin_set)
     assert (plugin_named(plugin_set, "mycostplug") is not None) is included
-    assert ("mycost" in registry.names("cost model")) is included
+    assert ("mycost" in registry.names("cost_model")) is included
     assert_builtins_work(registry)  # built-ins always load
     assert plugin_set.problems == []
 
@@ -325,7 +337,7 @@ def test_hook_typo_is_reported_and_the_rest_works(site, tiny, ar_ids):
     assert plugin_named(plugin_set, "typo") is None
     registry = Registry(plugin_set)
     assert "typo-drafter" not in registry.names("drafter")
-    assert "mycost" in registry.names("cost model")
+    assert "mycost" in registry.names("cost_model")
     assert_builtins_work(registry)
     gen = SpecGenerator(tiny, "best-first", params={"cost_model": "mycost"}, registry=registry)
     assert gen.generate(PROMPT_IDS, N).token_ids == ar_ids
@@ -376,9 +388,9 @@ def test_wrong_hook_signature_is_reported_and_plugin_skipped(site):
     assert not plugin_set.pm.has_plugin("sig")
     registry = Registry(plugin_set)
     # skipped means skipped entirely: its well-formed hook is not active either
-    assert "fine-cost" not in registry.names("cost model")
+    assert "fine-cost" not in registry.names("cost_model")
     assert "wrongsig-drafter" not in registry.names("drafter")
-    assert "mycost" in registry.names("cost model")
+    assert "mycost" in registry.names("cost_model")
     assert_builtins_work(registry)
 
 
@@ -409,7 +421,7 @@ def test_plugin_failing_to_import_is_reported(site, tiny, ar_ids, source, entry,
     assert needle in problem
     assert plugin_named(plugin_set, "broken") is None
     registry = Registry(plugin_set)
-    assert "mycost" in registry.names("cost model")
+    assert "mycost" in registry.names("cost_model")
     assert_builtins_work(registry)
     gen = SpecGenerator(tiny, "best-first", params={"cost_model": "mycost"}, registry=registry)
     assert gen.generate(PROMPT_IDS, N).token_ids == ar_ids
@@ -751,10 +763,10 @@ def test_plugins_command_lists_third_party(site):
     assert result.exit_code == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)["plugins"]}
     assert rows["mycostplug"] == {"name": "mycostplug", "distribution": "myplug", "version": "0.1", "builtin": False,
-                                  "hooks": ["register_cost_models"], "provides": ["cost model:mycost"]}
+                                  "hooks": ["register_cost_models"], "provides": ["cost_model:mycost"]}
     text = CliRunner().invoke(cli, ["plugins"]).stdout
     assert "mycostplug  (myplug 0.1)" in text
-    assert "cost model:mycost" in text
+    assert "cost_model:mycost" in text
     components = CliRunner().invoke(cli, ["components"]).stdout
     assert "mycost(per_token=0.001)  [mycostplug]" in components
 

@@ -74,7 +74,7 @@ def registry_ngram(target, max_depth: int | None = None):
 
 def live_on(target, clock: ManualClock, profile: str):
     """``target`` whose forwards advance ``clock`` by the profile and whose kept trees by HOST_S."""
-    cost = Registry().build("cost model", "profile", {"path": profile})
+    cost = Registry().build("cost_model", "profile", {"path": profile})
     start = target.start
 
     def start_timed(feature_layers=()):

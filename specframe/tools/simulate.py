@@ -141,7 +141,7 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=
     the simulated τ and speedup beside the measured ones on the traced prompts."""
     registry = registry or Registry()
     rows = read_trace(trace)
-    cost = registry.build("cost model", "profile", {"path": str(profile)})
+    cost = registry.build("cost_model", "profile", {"path": str(profile)})
     if overhead_s is None:
         overhead_s = _median([o for r in rows for o in r.overhead_s])
     host = host_table(Path(profile))
@@ -188,7 +188,7 @@ def trace_drafter(registry: Registry, target: SimTarget, rows: list[TraceRow], d
     if not sources:
         return TraceDrafter(target, target.clock, None, draft_s), registry
 
-    def part(path: str = "0", clock=None) -> TraceDrafter:
+    def part(path: str = "0") -> TraceDrafter:  # "trace:I" builds source I
         return TraceDrafter(target, target.clock, int(path), draft_s)
 
     extended = registry.extended("drafter", "trace", part, "simulate")
