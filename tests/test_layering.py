@@ -56,3 +56,16 @@ def test_the_walk_sees_every_import_form(tmp_path):
     found = offenders(pkg)
     assert [f.split(" imports ")[0] for f in found] == [
         "specframe/a.py:1", "specframe/b.py:2", "specframe/d.py:1", "specframe/tools/c.py:1", "specframe/tools/c.py:2"]
+
+
+def test_the_simulator_has_no_decoding_logic_of_its_own():
+    """`specframe simulate` decodes through the engine only: its modules call no verifier, expansion
+    policy, surrogate / cost-model observer or draft gate — and import none of the engine's parts that do."""
+    decoding = {"verify", "expand", "observe", "want", "record", "keep", "calibrate"}
+    for name in ("simulate.py", "trace.py"):
+        tree = ast.parse((CORE / "tools" / name).read_text())
+        called = {node.func.attr for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+        assert called & decoding == set(), name
+        modules = {m for _, m in imported_modules(CORE / "tools" / name, CORE)}
+        assert not {m for m in modules if m.startswith(("specframe.gate", "specframe.fit", "specframe.learning"))}, name
