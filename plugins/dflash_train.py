@@ -90,7 +90,7 @@ def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: i
                     log("data: deadline reached; rerun to continue")
                     return out
                 chunk = window[b : b + batch_size]
-                answers = target.greedy_batch([ids for _, ids in chunk], max_new_tokens)
+                answers = greedy_batch(target, [ids for _, ids in chunk], max_new_tokens)
                 for (p, ids), ans in zip(chunk, answers):
                     row = {"source": p.dataset, "id": p.id, "prompt_ids": ids, "response_ids": ans,
                            "finished": bool(ans and ans[-1] in target.eos_token_ids)}
@@ -104,7 +104,46 @@ def generate_data(target: Target, out: Path, num_prompts: int, max_new_tokens: i
     return out
 
 
+@torch.inference_mode()
+def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of several prompts by a transformers ``target`` in one left-padded batch, each
+    cut after its first EOS.
+    Fast for making training data; padding can flip a near-tie, so where exact greedy output matters
+    use ``SpecGenerator`` instead."""
+    pad = (target.eos_token_ids or (0,))[0]
+    width, rows = max(len(p) for p in prompts), len(prompts)
+    x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)  # (R, W)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, W) each row's positions start at 0
+    cache = target.make_cache()
+    out = torch.empty(rows, 0, dtype=torch.long, device=target.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=target.device)
+    eos = torch.tensor(target.eos_token_ids or (-1,), device=target.device)
+    for _ in range(max_new_tokens):
+        logits = target.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                            logits_to_keep=1, **{target.cache_keyword: cache}).logits[:, -1]  # (R, V)
+        nxt = logits.argmax(-1).masked_fill(done, pad)  # (R,)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        x, pos = nxt[:, None], pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=target.device)], dim=1)
+    answers = []
+    for row in out.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in target.eos_token_ids), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
 # ---------------------------------------------------------------------- stage 2: features
+@torch.inference_mode()
+def target_features(target, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
+    """Teacher-forced hidden states ``(len(ids), len(layers)·H)`` of ``ids`` at decoder ``layers``, through
+    the backend seam (a prefill that asks for features)."""
+    return target.start(tuple(layers)).prefill(ids)
+
+
 class FeatureStore:
     """Sharded cache of (tokens, prompt length, fp16 features) per sequence, resumable."""
 
@@ -129,7 +168,7 @@ class FeatureStore:
             toks, feats, lens, plens = [], [], [], []
             for prompt, resp in chunk:
                 ids = prompt + resp
-                f = target.features(ids[:-1], layers)  # the last token's features are never context
+                f = target_features(target, ids[:-1], layers)  # the last token's features are never context
                 toks.append(np.asarray(ids, dtype=np.int32))
                 feats.append(f.to(torch.float16).cpu().numpy())
                 lens.append(len(ids))

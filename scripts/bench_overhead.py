@@ -62,7 +62,7 @@ def real_forward(repeats: int, context: int = 256) -> dict:
         cache = target.make_cache()
         with torch.inference_mode():
             model(input_ids=torch.tensor([list(range(100, 100 + context))]), use_cache=True,
-                  **{target._cache_kw: cache})
+                  **{target.cache_keyword: cache})
         ours, bare = [], []
         for _ in range(repeats + 2):
             t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def real_forward(repeats: int, context: int = 256) -> dict:
             session.rollback(n)
             with torch.inference_mode():
                 t2 = time.perf_counter()
-                model(input_ids=tree.tokens[None], use_cache=True, **{target._cache_kw: cache})
+                model(input_ids=tree.tokens[None], use_cache=True, **{target.cache_keyword: cache})
                 t3 = time.perf_counter()
             cache.crop(-n)
             ours.append(t1 - t0)

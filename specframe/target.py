@@ -72,7 +72,7 @@ class Target:
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         # transformers >= 5.2x calls it `cache`; older releases `past_key_values`.
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_keyword = "cache" if "cache" in params else "past_key_values"  # how forward() takes a cache
         self._can_skip_logits = "logits_to_keep" in params
         layer_types = getattr(text_cfg, "layer_types", None) or []
         window = getattr(text_cfg, "sliding_window", None)
@@ -176,11 +176,6 @@ class Target:
         return None if norm is None else norm.weight.detach().clone()
 
     @torch.inference_mode()
-    def features(self, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
-        """Teacher-forced hidden states (len(ids), len(layers)·H) of ``ids`` at decoder ``layers``."""
-        return self.start(tuple(layers)).prefill(ids)
-
-    @torch.inference_mode()
     def forward_plain(self, ids: list[int]) -> torch.Tensor:
         """Logits (len(ids), V) of one plain causal forward without a cache (for tests and checks)."""
         x = torch.tensor([ids], device=self.device)
@@ -220,36 +215,6 @@ class Target:
 
         return run
 
-    @torch.inference_mode()
-    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of several prompts in one left-padded batch, each cut after its first EOS.
-        Fast for making training data; padding can flip a near-tie, so where exact greedy output matters
-        use ``SpecGenerator`` instead."""
-        pad = (self.eos_token_ids or (0,))[0]
-        width, rows = max(len(p) for p in prompts), len(prompts)
-        x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # (R, W)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, W) each row's positions start at 0
-        cache = self.make_cache()
-        out = torch.empty(rows, 0, dtype=torch.long, device=self.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(self.eos_token_ids or (-1,), device=self.device)
-        for _ in range(max_new_tokens):
-            logits = self.model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
-                                logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]  # (R, V)
-            nxt = logits.argmax(-1).masked_fill(done, pad)  # (R,)
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
-            x, pos = nxt[:, None], pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=self.device)], dim=1)
-        answers = []
-        for row in out.tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), len(row))
-            answers.append(row[:cut])
-        return answers
-
     def make_cache(self):
         from transformers import DynamicCache
 
@@ -270,7 +235,7 @@ class TargetSession:
 
     def _run(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, logits: bool = True) -> ForwardOut:
         t = self.target
-        kwargs = {t._cache_kw: self.cache}
+        kwargs = {t.cache_keyword: self.cache}
         if not logits and t._can_skip_logits:
             kwargs["logits_to_keep"] = 1  # the prompt's logits are never read
         out = t.model(

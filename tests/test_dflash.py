@@ -21,6 +21,7 @@ from specframe.plugins.dflash_train import (
     block_batch,
     new_drafter,
     read_rows,
+    target_features,
     train,
 )
 
@@ -63,7 +64,7 @@ def test_published_layout_and_reload_gives_identical_marginals(target, tmp_path)
     assert ("layers.0.self_attn.q_norm.weight" in names) == (target.text_config.model_type == "qwen3")
 
     ids = [5, 9, 11, 3, 7, 2]
-    feats = target.features(ids[:-1], (0, 2))
+    feats = target_features(target, ids[:-1], (0, 2))
     drafter = DFlashDrafter(target=target, path=str(path))
     drafter.start(ids, feats)
     got = drafter.marginals(ids[-1])
@@ -84,7 +85,7 @@ def test_incremental_context_cache_matches_one_shot(tmp_path):
     target = _target()
     _, path = _drafter_dir(target, tmp_path)
     ids = [5, 9, 11, 3, 7, 2, 8, 4]
-    feats = target.features(ids[:-1], (0, 2))
+    feats = target_features(target, ids[:-1], (0, 2))
     one = DFlashDrafter(target=target, path=str(path))
     one.start(ids, feats)
     inc = DFlashDrafter(target=target, path=str(path))
@@ -100,7 +101,7 @@ def test_block_sees_only_context_before_its_anchor():
     torch.manual_seed(3)
     model = new_drafter(target, TrainConfig(block_size=4, num_layers=1, target_layer_ids=[0, 2], mask_token_id=63)).double()
     tokens = np.array([4, 8, 15, 16, 23, 42, 7, 9, 1, 2])
-    feats = target.features(tokens[:-1].tolist(), (0, 2)).numpy()
+    feats = target_features(target, tokens[:-1].tolist(), (0, 2)).numpy()
     anchor = 5
 
     def block_out(tok, fts):
@@ -206,7 +207,7 @@ def test_draft_vocabulary_round_trip_and_proposals_stay_inside(target, tmp_path)
     cut = DFlashDrafter(target, str(tmp_path / "dv"), top_k=4)
     assert torch.equal(cut.vocab, vocab)
     ids = [3, 7, 11, 2, 5, 8]
-    feats = target.features(ids[:-1], tuple(model.cfg.target_layer_ids))
+    feats = target_features(target, ids[:-1], tuple(model.cfg.target_layer_ids))
     for d in (full, cut):
         d.start(ids[:-1], feats)
     lf, lc = full.marginals(ids[-1]), cut.marginals(ids[-1])

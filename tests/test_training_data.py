@@ -12,7 +12,7 @@ from specframe import datasets
 from specframe.cli import cli
 from specframe.datasets import python_stdlib, python_stdlib_methods, training_prompts
 from specframe.errors import SpecframeError
-from specframe.plugins.dflash_train import FeatureStore, TrainConfig, generate_data, read_rows, train
+from specframe.plugins.dflash_train import FeatureStore, TrainConfig, generate_data, greedy_batch, read_rows, train
 
 from conftest import new_target, plain_greedy
 
@@ -23,7 +23,7 @@ def test_batched_greedy_equals_plain_greedy_for_prompts_of_any_length(arch):
     target = new_target(arch, eos=7)
     rng = random.Random(1)
     prompts = [[rng.randrange(8, 96) for _ in range(rng.randrange(1, 20))] for _ in range(6)]
-    answers = target.greedy_batch(prompts, 24)
+    answers = greedy_batch(target, prompts, 24)
     for prompt, answer in zip(prompts, answers):
         assert answer == plain_greedy(target.model, prompt, 24, {7})
 
