@@ -2,7 +2,7 @@
 its Q4_1 file) run by llama.cpp through llama-cpp-python's low-level API. This is the ONLY module of
 specframe that calls into llama.cpp.
 
-A draft tree is verified in one ``llama_decode``:
+In fast mode a draft tree is verified in one ``llama_decode``:
 
 * every leaf owns a sequence id (the first leaf uses sequence 0, the committed sequence); a node belongs
   to the sequences of all leaves below it, so llama.cpp's mask lets a node attend to the cached prefix
@@ -20,10 +20,14 @@ Modes (``mode=``):
     The output is token for token what this backend's own plain one-token-at-a-time decoding produces
     (the ``ar`` policy, and llama-cpp-python's own generation loop with the same settings). llama.cpp's
     numbers depend on more than the tokens: the CPU kernels switch at 64-row micro-batches, and a token's
-    KV cell index changes the summation order of attention. So micro-batches stay at 16 rows, nodes are
-    laid out depth-first along each node's first child (the path the drafter thinks likeliest lands in
-    the cells a plain decode would use), and accepted tokens that landed elsewhere are dropped and decoded
-    again, in place, at the front of the next verification's batch.
+    KV cell index (masked cells between it and its ancestors included) changes the summation order of
+    attention; and from a 512-cell KV view on (more than 256 tokens in the cache) a one-row decode takes a
+    split-KV attention path that no multi-row call reproduces. So every root-to-leaf path is decoded in
+    place in sequence 0, one after another, each reusing the cells it shares with the previous path and
+    replacing the rest (every node is still decoded once), in calls of at most 16 rows while the cache
+    holds at most 256 tokens and of one row beyond; the first-child chain, the drafter's likeliest, goes
+    last and stays. Accepted tokens whose cells a later path replaced are decoded again, in place, at the
+    front of the next verification.
 ``fast``
     512-row micro-batches and the accepted path kept wherever its cells are. The output is the greedy
     decoding of the logits the target computes in verification: a near-tie may resolve differently from
@@ -52,8 +56,14 @@ from specframe.tree import Tree
 
 MODES = ("exact", "fast")
 EXACT_ROWS = 16  # rows per verification call in exact mode: below the CPU kernels' 64-row switch
+# llama.cpp pads the KV view to 256 cells; from a 512-cell view on, a ONE-row decode takes the CPU's
+# split-KV flash-attention path (ggml-cpu ops.cpp), which no multi-row call reproduces bit for bit: in
+# exact mode, once a verification reaches past this many cells, every node is decoded in its own call
+KV_PAD = 256
 N_BATCH = 512  # also n_ubatch: a prompt is consumed as llama.cpp's own loop consumes it
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: one sequence per leaf
+# measured by scripts/llamacpp_costs.py (embedded Q4_1 GGUF, 2-core CPU, context 256; docs/how-to/llamacpp.md)
+FEATURE_NOTE = "llama.cpp's eval callback: +9 % on a one-token forward on a 2-core CPU"
 
 
 def _llama():
@@ -118,7 +128,11 @@ class _Layout:
 
     order: list[int]  # batch row r holds tree node order[r]
     seqs: list[list[int]]  # seqs[node]: sequence ids of the leaves below node
-    leaves: int
+    paths: list[list[int]]  # paths[k]: the nodes from the root to leaf k (sequence k), root first
+
+    @property
+    def leaves(self) -> int:
+        return len(self.paths)
 
 
 def layout_tree(parents: list[int]) -> _Layout:
@@ -134,15 +148,26 @@ def layout_tree(parents: list[int]) -> _Layout:
         order.append(node)
         stack.extend(reversed(children[node]))
     seqs: list[list[int]] = [[] for _ in range(n)]
-    leaves = 0
+    paths: list[list[int]] = []
     for node in order:
         if not children[node]:
-            walk = node
+            path, walk = [], node
             while walk >= 0:
-                seqs[walk].append(leaves)
+                seqs[walk].append(len(paths))
+                path.append(walk)
                 walk = parents[walk]
-            leaves += 1
-    return _Layout(order, seqs, leaves)
+            paths.append(path[::-1])
+    return _Layout(order, seqs, paths)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two node paths."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _Context:
@@ -281,7 +306,8 @@ class LlamaCppTarget:
         self.rows = int(rows or (EXACT_ROWS if mode == "exact" else N_BATCH))
         if not 1 <= self.rows <= (EXACT_ROWS if mode == "exact" else N_BATCH):
             raise SpecframeError(f"rows must be in 1..{EXACT_ROWS if mode == 'exact' else N_BATCH} in mode {mode}, got {self.rows}")
-        self.capabilities = Capabilities(tree_attention=True, features=True, max_tree_tokens=MAX_SEQ)
+        self.capabilities = Capabilities(tree_attention=True, features=True, max_tree_tokens=MAX_SEQ,
+                                         free_features=False, feature_note=FEATURE_NOTE)
         self.eos_token_ids = tuple(t for t in range(self.vocab_size) if lib.llama_vocab_is_eog(self.vocab, t))
         self.chat_template = self._meta("tokenizer.chat_template") or None
         self.shape = self._shape()
@@ -456,8 +482,8 @@ class LlamaCppTarget:
 class LlamaCppSession:
     """One request's KV cache in a llama.cpp context. ``past`` tokens are committed; the root is not.
 
-    In exact mode accepted tokens whose cells are out of place wait in ``pending`` and are decoded again,
-    in place, at the front of the next batch (``past`` counts them already)."""
+    Accepted tokens whose cells are out of place (or gone) wait in ``pending`` and are decoded again, in
+    place, at the front of the next verification (``past`` counts them already)."""
 
     def __init__(self, target: LlamaCppTarget, ctx: _Context):
         self.target, self.ctx = target, ctx
@@ -465,7 +491,8 @@ class LlamaCppSession:
         ctx.clear()
         self.past = 0
         self.pending: list[int] = []  # tokens at positions past - len(pending) .. past - 1, not yet in the cache
-        self._last: tuple[_Layout, list[int]] | None = None  # layout and parents of the last verified tree
+        self._last: tuple[_Layout, list[int]] | None = None  # layout and tokens of the last verified tree
+        self._in_place: list[int] = []  # exact mode: the tree nodes now in the cells after ``past``, root first
         self.exact = target.mode == "exact"
 
     def _check(self, n: int, depth: int) -> None:
@@ -500,14 +527,52 @@ class LlamaCppSession:
             self.ctx.decode(toks, list(range(start, start + len(toks))), [[0]] * len(toks), [False] * len(toks))
 
     def verify(self, tree: Tree) -> ForwardOut:
-        """One ``llama_decode`` over every node of ``tree`` (after any pending tokens)."""
+        """Logits (and features) of every node of ``tree``, after any pending tokens."""
         parents = tree.parents.tolist()
         tokens, depths = tree.tokens.tolist(), tree.depths.tolist()
         self._check(len(tokens), max(depths))
+        if len(tokens) + len(self.pending) > N_BATCH:
+            raise SpecframeError(f"a tree of {len(tokens)} nodes (+{len(self.pending)} pending) exceeds llama.cpp's "
+                                 f"batch of {N_BATCH}")
         lay = layout_tree(parents)
+        decode = self._decode_paths if self.exact else self._decode_tree
+        rows, feats = decode(lay, tokens, depths)  # (n, V), (n, F) or None; tree-node order
+        self.pending = []
+        self._last = (lay, tokens)
+        return ForwardOut(torch.from_numpy(rows), None if feats is None else torch.from_numpy(feats))
+
+    def _decode_paths(self, lay: _Layout, tokens: list[int], depths: list[int]):
+        """Exact mode: each root-to-leaf path is decoded in place in sequence 0, one after another, the
+        first-child chain (the drafter's likeliest) last so that it stays. A path keeps the cells it shares
+        with the previous one and replaces the rest, so every node is decoded once, in the very cells a
+        plain decode would give it: its logits are plain decoding's, bit for bit."""
+        ctx, past, n = self.ctx, self.past, len(tokens)
+        per_call = self.target.rows if past + max(depths) + 1 <= KV_PAD else 1  # see KV_PAD
+        rows = np.empty((n, self.target.vocab_size), dtype=np.float32)
+        feats = None
+        front = self.pending  # decoded in place ahead of the first path
+        prev: list[int] = []
+        for path in reversed(lay.paths):
+            shared = common_prefix(prev, path)
+            if prev:
+                ctx.seq_rm(0, past + shared)  # the previous path's own tail leaves; its cells are reused
+            tail = path[shared:]
+            toks = front + [tokens[i] for i in tail]
+            pos = list(range(past - len(front), past)) + [past + depths[i] for i in tail]
+            out, f = ctx.decode(toks, pos, [[0]] * len(toks), [False] * len(front) + [True] * len(tail), per_call)
+            rows[tail] = out
+            if f is not None:
+                if feats is None:
+                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
+                feats[tail] = f[len(front):]
+            front, prev = [], path
+        self._in_place = prev
+        return rows, feats
+
+    def _decode_tree(self, lay: _Layout, tokens: list[int], depths: list[int]):
+        """Fast mode: the whole tree in one batch, a sequence per leaf; a node belongs to the sequences of
+        the leaves below it (llama.cpp masks a row by its first sequence id: see docs/how-to/llamacpp.md)."""
         ctx, past, k = self.ctx, self.past, len(self.pending)
-        if len(tokens) + k > N_BATCH:
-            raise SpecframeError(f"a tree of {len(tokens)} nodes (+{k} pending) exceeds llama.cpp's batch of {N_BATCH}")
         everyone = list(range(lay.leaves))
         for s in everyone[1:]:
             ctx.seq_cp(0, s)  # every leaf sequence shares the committed prefix
@@ -516,42 +581,44 @@ class LlamaCppSession:
         batch_seq = [everyone] * k + [lay.seqs[i] for i in lay.order]
         flags = [False] * k + [True] * len(tokens)
         rows, feats = ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows)
-        self.pending = []
         inverse = np.empty(len(tokens), dtype=np.int64)
         inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row among the outputs
-        logits = torch.from_numpy(rows[inverse])
-        if feats is not None:
-            feats = torch.from_numpy(feats[k:][inverse])
-        self._last = (lay, tokens)
-        return ForwardOut(logits, feats)
+        return rows[inverse], None if feats is None else feats[k:][inverse]
 
     def keep(self, path: list[int], tree_size: int) -> None:
         """Keep the accepted ``path`` (node indices, root first) in sequence 0; drop every other node."""
-        ctx, past, m = self.ctx, self.past, len(path)
-        lay, tokens = self._last
-        row = {node: r for r, node in enumerate(lay.order)}
-        in_place = 0  # the longest prefix of the path whose cells are where a plain decode puts them
-        while in_place < m and row[path[in_place]] == in_place:
-            in_place += 1
-        keep = in_place if self.exact else m
+        if self.exact:
+            self._keep_in_place(path)
+        else:
+            self._keep_leaf(path)
+        self.past += len(path)
+        self._last = None
+
+    def _keep_in_place(self, path: list[int]) -> None:
+        """Exact mode: the part of the path that is in place stays; the rest (its logits were exact, its
+        cells are gone) waits in ``pending`` to be decoded again in place."""
+        _, tokens = self._last
+        kept = common_prefix(self._in_place, path)
+        self.ctx.seq_rm(0, self.past + kept)
+        self.pending = [tokens[i] for i in path[kept:]]
+
+    def _keep_leaf(self, path: list[int]) -> None:
+        """Fast mode: the path's cells stay wherever they are (copied from a leaf's sequence into 0)."""
+        lay, past = self._last[0], self.past
         leaf_seq = lay.seqs[path[-1]][0]  # a leaf below the last accepted node
         if leaf_seq != 0:
-            ctx.seq_rm(0, past)
-            ctx.seq_cp(leaf_seq, 0, past, past + keep)
+            self.ctx.seq_rm(0, past)
+            self.ctx.seq_cp(leaf_seq, 0, past, past + len(path))
         else:
-            ctx.seq_rm(0, past + keep)
+            self.ctx.seq_rm(0, past + len(path))
         for s in range(1, lay.leaves):
-            ctx.seq_rm(s, -1)
-        if keep < m:  # exact mode: decode the rest again, in place, with the next batch
-            self.pending = [tokens[i] for i in path[keep:]]
-        self.past += m
-        self._last = None
+            self.ctx.seq_rm(s, -1)
 
     def rollback(self, n: int) -> None:
         """Forget the last verification (e.g. a timing probe): every cell at or after ``past``."""
         if n:
             self.ctx.seq_rm(-1, self.past)
-            if self._last is not None:
+            if self._last is not None and not self.exact:  # fast mode: the leaf sequences' prefix copies
                 for s in range(1, self._last[0].leaves):
                     self.ctx.seq_rm(s, -1)
             self._last = None
