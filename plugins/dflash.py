@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specframe import hookimpl
-from specframe.backends import require_features
+from specframe.backends import capabilities, require_features
 from specframe.components import Draft, Drafter, EmptyDraft, MarginalDraft
 from specframe.errors import SpecframeError
 from specframe.resources import shipped_drafters_dir
@@ -407,8 +407,16 @@ def shipped_drafter(target) -> Path | None:
 
 
 def shipped_availability(target) -> tuple[bool, str]:
-    """Whether a shipped drafter fits ``target``, and why (or why not) in words."""
+    """Whether ``auto`` should use a shipped drafter for ``target``, and why (or why not) in words: one
+    must fit the target, and the backend must give hidden states without extra work on every forward
+    (``Capabilities.free_features``); otherwise a block drafter is only used when asked for by name."""
     path, reason = _find_shipped(target)
+    caps = capabilities(target)
+    if path is not None and caps.features and not caps.free_features:
+        backend = getattr(target, "backend", "?")
+        return False, (f"backend '{backend}' gives hidden states at a price on every forward ({caps.feature_note or 'extra host work'}), "
+                       f"which the shipped block drafter has not repaid on it; pass --drafter hybrid or "
+                       f"--drafter dflash to run it anyway (the draft gate still decides per step)")
     return path is not None, reason
 
 

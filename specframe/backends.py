@@ -35,6 +35,10 @@ class Capabilities:
     tree_attention: bool = True  # verifies a whole tree in one forward (ancestor mask)
     features: bool = False  # returns hidden states of chosen layers with every forward
     max_tree_tokens: int | None = None  # the most tokens one verification may hold (None: no own limit)
+    # hidden states come with every forward at no extra cost (transformers); False where asking for them
+    # adds host work to every forward (llama.cpp's eval callback): ``auto`` then picks no block drafter
+    free_features: bool = True
+    feature_note: str = ""  # what the features cost, in words, for ``auto``'s explanation
 
 
 @dataclass(frozen=True)

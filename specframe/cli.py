@@ -310,12 +310,13 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_op
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True)
 @click.option("--target", "-m", default=None, help="The traced target (its config shapes the roofline).")
 @click.option("--overhead-ms", type=float, default=None, help="Host overhead per step at n = 1 (default: the trace's median); bigger trees add the profile's per-node host time.")
+@click.option("--host-ms-per-node", "node_ms", type=float, default=None, help="Host time per tree node beyond one on the simulated machine (default: the profile's host_ms_median column, else 0).")
 @click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing); for a hybrid trace, the time of a step where every source runs, split in the traced proportions.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
               help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
-def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_ms, compare_dir, out_dir):
+def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_ms, draft_ms, compare_dir, out_dir):
     """Run policies through the engine over a trace, on a device's latency profile (a labelled simulation)."""
     from .tools.bench import check_methods, split_methods
     from .tools.simulate import simulate as run_simulation
@@ -327,13 +328,15 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, draft_
     for f in (trace_file, profile_file):
         if not Path(f).is_file():
             raise SpecframeError(f"file not found: {f}")
+    if any(ms is not None and not ms >= 0 for ms in (overhead_ms, node_ms, draft_ms)):
+        raise SpecframeError("--overhead-ms, --host-ms-per-node and --draft-ms must be >= 0")
     if compare_dir is not None and not (Path(compare_dir) / "results.jsonl").is_file():
         raise SpecframeError(f"--compare needs a `specframe bench` directory; {Path(compare_dir) / 'results.jsonl'} is missing")
     quiet_transformers()
     tgt = Target.load(target)
     run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
                    None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000,
-                   None if compare_dir is None else Path(compare_dir))
+                   None if compare_dir is None else Path(compare_dir), None if node_ms is None else node_ms / 1000)
     click.echo((Path(out_dir) / "report.md").read_text())
 
 
@@ -483,13 +486,15 @@ def plugins(ctx, as_json):
 @click.option("--target", "-m", default=None,
               help="Also resolve each policy against this target (as for `run`; 'smollm2-135m' = the embedded "
                    "default): which drafter `auto` picks and why.")
+@click.option("--backend", default=None, help="With --target: the runtime to load it on, as for `run` (default: auto).")
 @click.pass_context
-def policies(ctx, as_json, target):
+def policies(ctx, as_json, target, backend):
     """List policy bundles and their components."""
     registry = _registry(ctx)
+    check_backend(registry, backend)
     tgt = None
     if target is not None:
-        tgt = load_backend_target(registry, target, None, ())
+        tgt = load_backend_target(registry, target, backend, ())
     rows = []
     for name in registry.names("policy"):
         spec, plugin = registry.policies[name]

@@ -117,17 +117,42 @@ def test_generator_is_reusable_and_accepts_token_ids(smollm, prompt_ids, referen
     assert again == expected[:8]
 
 
-def test_cli_run_json_on_real_model(reference):
-    """The default policy, the default (embedded) target, nothing monkeypatched."""
+def test_cli_run_json_on_real_model_in_transformers(reference):
+    """The default policy on the embedded target in transformers, nothing monkeypatched: bastion drafts
+    with the shipped block drafter beside prompt lookup, and no fallback is reported."""
     from specframe.cli import cli
 
     expected, _ = reference
-    result = CliRunner().invoke(cli, ["run", "--json", "-n", "8", "--prompt", PROMPT])
+    result = CliRunner().invoke(cli, ["run", "--backend", "hf", "--json", "-n", "8", "--prompt", PROMPT])
     assert result.exit_code == 0, (result.stderr, result.exception)
     out = json.loads(result.stdout)
     assert set(out) == {"text", "token_ids", "stats", "components"}
     assert out["components"]["names"]["drafter"] == "hybrid"  # the shipped block drafter beside prompt lookup
-    assert "drafter auto" not in result.stderr, "no fallback on the embedded default"
+    assert result.stderr == "", "no fallback on the embedded default"
     assert out["token_ids"] == expected[:8]
     assert out["stats"]["new_tokens"] == 8
     assert out["text"].strip()
+
+
+def test_cli_run_on_the_embedded_default_says_which_backend_and_drafter_auto_chose():
+    """No flags at all (what `make run` does): the runtime and the drafter ``auto`` chose are named, each
+    with its reason, and the output is that runtime's own plain greedy decoding."""
+    from specframe.backends import choose_backend, load_target
+    from specframe.cli import cli
+
+    backend, _ = choose_backend(None)
+    result = CliRunner().invoke(cli, ["run", "--json", "-n", "8", "--prompt", PROMPT])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    out = json.loads(result.stdout)
+    lines = result.stderr.splitlines()
+    target = load_target(None, backend)
+    assert out["token_ids"] == SpecGenerator(target, "ar").generate(target.encode(PROMPT), 8).token_ids
+    if backend == "llama.cpp":
+        assert lines[0] == ("specframe: backend auto -> llama.cpp: a GGUF file on a CPU: llama.cpp runs it natively, "
+                            "several times faster than transformers fp32")
+        assert lines[1].startswith("specframe: drafter auto -> ngram: 'hybrid' is not available (backend 'llama.cpp' "
+                                   "gives hidden states at a price on every forward")
+        assert len(lines) == 2 and out["components"]["names"]["drafter"] == "ngram"
+    else:  # llama-cpp-python is not installed: transformers, and the reason is said
+        assert lines[0].startswith("specframe: backend auto -> hf: not 'llama.cpp': llama-cpp-python is not installed")
+        assert len(lines) == 1 and out["components"]["names"]["drafter"] == "hybrid"
