@@ -186,3 +186,36 @@ def test_simulate_needs_a_real_trace(tmp_path):
     bad.write_text(json.dumps({"dataset": "x"}) + "\n")
     with pytest.raises(SpecframeError, match="not a `specframe trace` file"):
         simulate(bad, ["chain"], profile, tmp_path / "sim")
+
+
+def test_a_given_host_time_per_node_is_charged_on_every_step(make_target, tmp_path):
+    """``node_s`` (``--host-ms-per-node``) stands in for a profile without a per-node column: each step
+    costs the traced one-token overhead plus node_s per node beyond one, and BASTION, which learns the
+    host's per-node time, grows smaller trees for it (unlike a fixed budget, which keeps its trees)."""
+    profile = profile_table(tmp_path / "profile.json")
+    record_trace(make_target(), "ngram", prompts(), NEW, tmp_path / "trace.jsonl", log=lambda m: None,
+                 clock=ManualClock())
+    kw = dict(overhead_s=0.002, draft_s=0.0001)
+    free = simulate(tmp_path / "trace.jsonl", ["best-first:8", "bastion"], profile, tmp_path / "a", make_target(),
+                    **kw)["datasets"]["toy"]
+    paid = simulate(tmp_path / "trace.jsonl", ["best-first:8", "bastion"], profile, tmp_path / "b", make_target(),
+                    node_s=0.004, **kw)["datasets"]["toy"]
+    for table in (free, paid):
+        assert table["ar"]["overhead_ms_per_step"] == pytest.approx(2.0, abs=1e-9)
+    grown = paid["best-first:8"]["overhead_ms_per_step"] - 2.0
+    assert grown == pytest.approx(4.0 * (paid["best-first:8"]["mean_tree_size"] - 1), abs=1e-9)
+    assert paid["best-first:8"]["mean_tree_size"] == free["best-first:8"]["mean_tree_size"]
+    assert paid["bastion"]["mean_tree_size"] < free["bastion"]["mean_tree_size"], (paid["bastion"], free["bastion"])
+    assert "0.004" not in (tmp_path / "a" / "report.md").read_text()
+    assert "4.000 ms per tree node beyond one (given)" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_simulate_cli_refuses_negative_times(tmp_path):
+    from click.testing import CliRunner
+
+    from specframe.cli import cli
+
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    res = CliRunner().invoke(cli, ["simulate", "--trace", str(tmp_path / "t.jsonl"), "--profile",
+                                   profile_table(tmp_path / "p.json"), "--host-ms-per-node", "-1"])
+    assert res.exit_code == 2 and "must be >= 0" in res.output and "Traceback" not in res.output

@@ -131,12 +131,15 @@ def traced_logits(tree: Tree, line: list[int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- running the engine over a trace
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=None, registry: Registry | None = None,
-             overhead_s: float | None = None, draft_s: float | None = None, compare: Path | None = None) -> dict:
+             overhead_s: float | None = None, draft_s: float | None = None, compare: Path | None = None,
+             node_s: float | None = None) -> dict:
     """Run every method over the trace on the device of ``profile``; write summary.json and report.md.
 
     ``model``: the traced target (its shape for the roofline cost model). ``overhead_s`` replaces the
     traced host seconds of a one-node step, ``draft_s`` the traced draft seconds per step — set it when
     the simulated device drafts at a different speed than the machine that recorded the trace.
+    ``node_s``: the simulated host's seconds per tree node beyond one (building, verifying and keeping
+    it), in place of the profile's ``host_ms_median`` column (a device profile may have none).
     ``compare``: a ``specframe bench`` directory measured on the profiled machine; the report then sets
     the simulated τ and speedup beside the measured ones on the traced prompts."""
     registry = registry or Registry()
@@ -144,9 +147,9 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=
     cost = registry.build("cost_model", "profile", {"path": str(profile)})
     if overhead_s is None:
         overhead_s = _median([o for r in rows for o in r.overhead_s])
-    host = host_table(Path(profile))
+    host = host_table(Path(profile)) if node_s is None else (lambda n: node_s * n)
     summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "draft_s": draft_s,
-                     "host_per_node": host is not None, "datasets": {}}
+                     "host_per_node": host is not None, "node_s": node_s, "datasets": {}}
     tables: dict[str, dict] = {r.dataset: {} for r in rows}
     for label in ["ar"] + [lab for lab in labels if lab != "ar"]:
         target = SimTarget(cost, ManualClock(), overhead_s, host, model, None if model else _vocab(rows))
@@ -275,6 +278,12 @@ def validate_against(summary: dict, trace_rows: list[TraceRow], bench_dir: Path)
     return out
 
 
+def _node_text(summary: dict) -> str:
+    if summary.get("node_s") is not None:
+        return f", plus {1000 * summary['node_s']:.3f} ms per tree node beyond one (given)"
+    return ", plus the target-side bookkeeping per tree node beyond one (profile)" if summary.get("host_per_node") else ""
+
+
 def render(summary: dict, rows: list[TraceRow]) -> str:
     lines = ["# specframe SIMULATION report", "",
              "**This is a simulation**, not a measurement: the greedy acceptance trace below was recorded on the real "
@@ -282,7 +291,7 @@ def render(summary: dict, rows: list[TraceRow]) -> str:
              f"`{Path(summary['profile']).name}`; draft time per step is "
              + ("the one measured while tracing" if summary.get("draft_s") is None else f"{1000 * summary['draft_s']:.1f} ms (given)")
              + f"; host overhead {1000 * summary['overhead_s']:.1f} ms per step at n = 1 (traced)"
-             + (", plus the target-side bookkeeping per tree node beyond one (profile)" if summary.get("host_per_node") else "")
+             + _node_text(summary)
              + ". Every method runs the real engine (`SpecGenerator`) on this simulated clock.", "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0].drafter}`, {sum(len(r.output) for r in rows)} tokens", ""]
     for ds, table in summary["datasets"].items():
