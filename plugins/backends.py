@@ -43,7 +43,7 @@ def llamacpp_available() -> tuple[bool, str]:
 
 def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> tuple[bool, str]:
     """``--backend auto`` runs GGUF files (the embedded default included) in llama.cpp on a CPU: it
-    decodes the same file ≈ 9× faster than transformers fp32 here (see docs/bench/cpu-llamacpp)."""
+    decodes the same file several times faster than transformers fp32 (docs/how-to/llamacpp.md)."""
     from specframe.target import EMBEDDED_ALIASES
 
     gguf = spec is None or spec.lower() in EMBEDDED_ALIASES or spec.endswith(".gguf")

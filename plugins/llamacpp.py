@@ -62,8 +62,8 @@ EXACT_ROWS = 16  # rows per verification call in exact mode: below the CPU kerne
 KV_PAD = 256
 N_BATCH = 512  # also n_ubatch: a prompt is consumed as llama.cpp's own loop consumes it
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: one sequence per leaf
-# measured by scripts/llamacpp_costs.py (embedded Q4_1 GGUF, 2-core CPU, context 256; docs/how-to/llamacpp.md)
-FEATURE_NOTE = "llama.cpp's eval callback: +9 % on a one-token forward on a 2-core CPU"
+# measured by scripts/llamacpp_costs.py (embedded Q4_1 GGUF, 2-core CPU, contexts 128-384; docs/how-to/llamacpp.md)
+FEATURE_NOTE = "llama.cpp's eval callback: +9-13 % on a one-token forward on a 2-core CPU"
 
 
 def _llama():

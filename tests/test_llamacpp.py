@@ -60,7 +60,7 @@ def test_auto_picks_no_block_drafter_where_features_cost_every_forward(policy, d
     assert gen.components.names["drafter"] == "ngram"
     assert gen.auto_notes["drafter"].startswith(
         f"'{drafter}' is not available (backend 'llama.cpp' gives hidden states at a price on every forward "
-        f"(llama.cpp's eval callback: +9 % on a one-token forward"), gen.auto_notes
+        f"(llama.cpp's eval callback: +9-13 % on a one-token forward"), gen.auto_notes
     assert SpecGenerator(target, policy, drafter=drafter).components.names["drafter"] == drafter
 
 
