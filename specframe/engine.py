@@ -98,9 +98,16 @@ class SpecGenerator:
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, policy: str = DEFAULT_POLICY, *, dtype="float32",
-                        device="cpu", **kwargs) -> "SpecGenerator":
-        """Load ``target`` (hub id, local path, or ``None`` for the embedded SmolLM2) and build a generator."""
-        return cls(Target.load(target, dtype=dtype, device=device), policy, **kwargs)
+                        device="cpu", backend: str = "hf", backend_options: dict | None = None,
+                        **kwargs) -> "SpecGenerator":
+        """Load ``target`` (hub id, local path, ``.gguf`` file, or ``None`` for the embedded SmolLM2) on
+        ``backend`` (``"hf"``: transformers; ``"llama.cpp"``; ``"auto"``: as the CLI chooses, the reason
+        in ``target.backend_note``) and build a generator."""
+        from .backends import load_target
+
+        registry = kwargs.get("registry")
+        tgt = load_target(target, backend, registry=registry, dtype=dtype, device=device, options=backend_options)
+        return cls(tgt, policy, **kwargs)
 
     @property
     def auto_notes(self) -> dict[str, str]:

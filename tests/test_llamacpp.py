@@ -139,3 +139,12 @@ def test_run_on_llamacpp_names_the_backend_and_why_auto_left_the_block_drafter_o
     assert lines[0].startswith("specframe: backend auto -> llama.cpp: a GGUF file on a CPU"), lines
     assert lines[1].startswith("specframe: drafter auto -> ngram: "), lines
     assert lines[2].startswith("[bastion · backend llama.cpp · drafter ngram · 6 tokens in "), lines
+
+
+@needs_llama
+def test_from_pretrained_takes_a_backend(gguf_path):
+    gen = SpecGenerator.from_pretrained(str(gguf_path), "chain", backend="llama.cpp", backend_options={"mode": "fast"})
+    assert gen.target.backend == "llama.cpp" and gen.target.mode == "fast"
+    assert gen.generate(PROMPT, 4).token_ids == SpecGenerator(gen.target, "ar").generate(PROMPT, 4).token_ids
+    with pytest.raises(SpecframeError, match=r"^unknown backend 'vllm'\. Known backends: hf, llama\.cpp"):
+        SpecGenerator.from_pretrained(str(gguf_path), backend="vllm")
