@@ -106,6 +106,13 @@ class Target:
             ) from err
         return cls(model.to(device), tok, name)
 
+    def settings(self) -> dict:
+        """What this backend runs with, for ``--json`` (``components.backend.settings``)."""
+        return {"model": self.name, "source": str(getattr(self.config, "_name_or_path", "") or self.name),
+                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+                "threads": torch.get_num_threads(), "attention": getattr(self.config, "_attn_implementation", None),
+                "context": self.max_context}
+
     # ------------------------------------------------------------------ text
     def encode(self, text: str, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids of ``text``; with ``chat`` (default: when the tokenizer has a chat template) the
@@ -399,26 +406,37 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a transformers model directory (config, safetensors weights,
+    tokenizer files) under :func:`cache_dir`: converted from its GGUF on the first call (about 40 s), and
+    reused after that. Any code that needs the directory calls this; none assumes it already exists."""
+    converted = cache_dir() / "smollm2-135m-instruct"
+    if (converted / "model.safetensors").is_file():
+        return converted
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(f"specframe: converting the embedded GGUF once into {converted} (about 40 s)...", file=sys.stderr)
+    model = _dequantized(AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if converted.exists():
+            shutil.rmtree(converted)
+        tmp.rename(converted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return converted
+
+
 def _load_embedded_smollm2(dtype: torch.dtype):
     """Load SmolLM2-135M-Instruct; the first call converts the GGUF once into a safetensors cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = cache_dir() / "smollm2-135m-instruct"
-    if not (converted / "model.safetensors").is_file():
-        gguf = embedded_gguf_path()
-        print(f"specframe: converting the embedded GGUF once into {converted} (about 40 s)...", file=sys.stderr)
-        model = _dequantized(AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32))
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        converted.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".convert-"))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            if converted.exists():
-                shutil.rmtree(converted)
-            tmp.rename(converted)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    converted = embedded_model_dir()
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(converted))
     return model, tok

