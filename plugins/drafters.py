@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from specframe import hookimpl
 from specframe.components import Draft, Drafter, EmptyDraft, TrieDraft
 
@@ -24,6 +22,32 @@ class NoDrafter(Drafter):
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         return EmptyDraft()
+
+
+class NgramIndex:
+    """Where every n-gram of the context occurs, kept up to date as the context grows: ``ends[k][gram]``
+    lists (ascending) each position ``e`` with ``context[e-k:e] == gram`` and a token at ``e`` to continue
+    with (so the context's own suffix is not a match of itself). A step adds the committed tokens' n-grams only (O(1) per token, not a scan of the context); a
+    context that does not extend the indexed one (a new request, another caller) is indexed afresh."""
+
+    def __init__(self, sizes):
+        self.sizes = tuple(sizes)
+        self.tokens: list[int] = []
+        self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {k: {} for k in self.sizes}
+
+    def sync(self, context: list[int]) -> dict[int, dict[tuple[int, ...], list[int]]]:
+        """Index ``context`` (every n-gram followed by a token) and return the tables."""
+        done = len(self.tokens)
+        if len(context) < done or context[:done] != self.tokens:  # one C-level comparison
+            self.tokens, done = [], 0
+            self.ends = {k: {} for k in self.sizes}
+        new = context[done:]
+        self.tokens += new
+        toks = self.tokens
+        for k, table in self.ends.items():
+            for end in range(max(k, done), len(toks)):
+                table.setdefault(tuple(toks[end - k:end]), []).append(end)
+        return self.ends
 
 
 class NgramDrafter(Drafter):
@@ -39,22 +63,22 @@ class NgramDrafter(Drafter):
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_matches, self.max_depth, self.alpha = max_matches, max_depth, alpha
+        self.index = NgramIndex(range(min_ngram, max_ngram + 1))
 
     def match(self, context: list[int], depth: int) -> tuple[list[list[int]], int]:
         """Distinct continuations (most recent match first) of the longest matching suffix, and that
         suffix's length; ([], 0) when nothing matches."""
-        ctx = np.asarray(context, dtype=np.int64)
-        n = len(ctx)
+        ends = self.index.sync(context)
+        n = len(context)
         for k in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[: n - 1], k)  # starts 0..n-1-k
-            hits = np.flatnonzero((windows == ctx[n - k :]).all(axis=1))
-            if hits.size == 0:
+            hits = ends[k].get(tuple(context[n - k:]))
+            if not hits:
                 continue
             found: list[list[int]] = []
             seen: set[tuple[int, ...]] = set()
-            for start in hits[::-1]:
-                cont = tuple(ctx[start + k : start + k + depth].tolist())
-                if cont and cont not in seen:
+            for end in reversed(hits):
+                cont = tuple(context[end:end + depth])
+                if cont not in seen:
                     seen.add(cont)
                     found.append(list(cont))
                     if len(found) == self.max_matches:
