@@ -6,9 +6,18 @@ what the step committed and how long it took. The gate keeps, for steps *with* a
 an exponentially weighted mean of committed tokens and of step seconds, runs the arm with the higher
 tokens per second and re-tries the other now and then (every ``probe_every`` steps, doubling each time
 the other arm loses again, up to ``max_probe_every``, and never more than ``explore_share`` of the time),
-so it follows the text and the machine as they change. A source whose draft time stays under
-``cheap_share`` of the step is always run: there is nothing to save. The gate only changes which tree is
-verified, never the output.
+so it follows the text and the machine as they change. The gate only changes which tree is verified,
+never the output.
+
+A drafted step whose tree is the root alone verified exactly what a step without the source verifies: it
+committed what that step would have, and took its time plus the draft's. So it counts for the arm with
+the source as the mean step without it plus its draft seconds (its seconds less the draft's count for the
+arm without): however noisy single steps are, such a step never makes drafting look better than not, and
+a source that drafts nothing worth verifying (prompt lookup on chat) is found out after a few steps and
+stays found out, however cheap it is. With
+``cheap_share`` > 0 a source whose draft time stays under that share of the step is always run (the
+hybrid drafter's sources: ``hybrid`` sets 0.08); the engine's gate sets none, so a drafter that does not
+pay is stopped whatever its price.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ class DraftGate:
     """Decides per step whether one draft source runs, from measured tokens/s with and without it."""
 
     def __init__(self, half_life: float = 24.0, min_trials: int = 3, probe_every: int = 4,
-                 max_probe_every: int = 64, cheap_share: float = 0.08, explore_share: float = 0.03):
+                 max_probe_every: int = 64, cheap_share: float = 0.0, explore_share: float = 0.03):
         if half_life <= 0 or min_trials < 1 or probe_every < 1 or max_probe_every < probe_every:
             raise ValueError("DraftGate needs half_life > 0, min_trials >= 1, 1 <= probe_every <= max_probe_every")
         self.decay = 0.5 ** (1.0 / half_life)
@@ -60,22 +69,31 @@ class DraftGate:
             return not leader
         return leader
 
-    def record(self, ran: bool, tokens: int, step_seconds: float, draft_seconds: float = 0.0) -> None:
-        """One finished step: whether the source ran, tokens committed, the step's seconds (draft included)."""
+    def record(self, ran: bool, tokens: int, step_seconds: float, draft_seconds: float = 0.0,
+               plain_seconds: float | None = None) -> None:
+        """One finished step: whether the source ran, tokens committed, the step's seconds (draft included).
+        ``plain_seconds``: for a drafted step that verified the root alone, its seconds without the
+        draft's, which also count for the arm without the source."""
         if not (step_seconds > 0 and math.isfinite(step_seconds)):
             return
         # forgetting counts all steps: a rarely played arm's estimate is dominated by its latest probe
         for arm in (True, False):
             self.tokens[arm] *= self.decay
             self.seconds[arm] *= self.decay
-        self.tokens[ran] += tokens
-        self.seconds[ran] += step_seconds
-        self.step_s[ran] = step_seconds if not self.trials[ran] else 0.8 * self.step_s[ran] + 0.2 * step_seconds
+        if ran and plain_seconds is not None and 0 < plain_seconds <= step_seconds:
+            self._add(False, tokens, plain_seconds)  # the plain step inside this one
+            step_seconds = tokens / self.rate(False) + (step_seconds - plain_seconds)
+        self._add(ran, tokens, step_seconds)
         self.since_probe_s += step_seconds
-        self.trials[ran] += 1
         if ran:
             share = min(max(draft_seconds / step_seconds, 0.0), 1.0)
             self.share = share if self.trials[True] == 1 else 0.8 * self.share + 0.2 * share
+
+    def _add(self, arm: bool, tokens: int, seconds: float) -> None:
+        self.tokens[arm] += tokens
+        self.seconds[arm] += seconds
+        self.step_s[arm] = seconds if not self.trials[arm] else 0.8 * self.step_s[arm] + 0.2 * seconds
+        self.trials[arm] += 1
 
     def summary(self) -> dict:
         return {
@@ -94,6 +112,7 @@ class SourceGates:
     against this one. Used by the hybrid drafter live and by the simulator's replay alike."""
 
     def __init__(self, count: int, **gate_args):
+        gate_args.setdefault("cheap_share", 0.08)  # a source under 8 % of the step always runs (see DraftGate)
         self.gates = [DraftGate(**gate_args) for _ in range(count)]
         self._mean_s = [0.0] * count  # per source, mean draft seconds over all steps (0 when skipped)
         self._steps = 0

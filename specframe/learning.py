@@ -54,4 +54,7 @@ class StepLearning:
         if record.drafted:
             self.costs.observe(record.tree_size, record.draft_s, record.overhead_s)
         if self.gate is not None:
-            self.gate.record(record.drafted, record.committed, self.clock() - self._started, record.draft_s)
+            step_s = self.clock() - self._started
+            # a drafted step that verified the root alone did a plain step's work plus the draft's
+            plain_s = step_s - record.draft_s if record.drafted and record.tree_size == 1 else None
+            self.gate.record(record.drafted, record.committed, step_s, record.draft_s, plain_s)

@@ -60,8 +60,8 @@ def test_gate_follows_a_change_of_regime():
     assert np.mean(choices[750:900]) > 0.9
 
 
-def test_cheap_source_always_runs_and_bad_records_are_ignored():
-    gate = DraftGate()
+def test_cheap_source_always_runs_where_asked_and_bad_records_are_ignored():
+    gate = DraftGate(cheap_share=0.08)  # as the hybrid drafter's per-source gates are built
     choices = _play(gate, 200, lambda i: 10.0, lambda i: 12.0, draft_share=0.01)
     assert all(choices), "a source under cheap_share of the step is never skipped"
     gate.record(True, 3, float("nan"))
@@ -69,6 +69,37 @@ def test_cheap_source_always_runs_and_bad_records_are_ignored():
     assert gate.trials[True] == 200 and gate.trials[False] == 0
     with pytest.raises(ValueError):
         DraftGate(probe_every=8, max_probe_every=4)
+
+
+def test_a_cheap_source_that_never_grows_the_tree_is_stopped_whatever_its_price():
+    """Prompt lookup on chat: 1 % of the step, and the tree stays the root alone. Each such step is also a
+    measurement of the step without the source (its seconds less the draft's), so the gate stops it after
+    a few steps although every single step's time is noisy, then probes it rarely."""
+    rng = np.random.default_rng(3)
+    gate = DraftGate()
+    choices = []
+    for _ in range(400):
+        ran = gate.want()
+        plain = 0.008 * (1 + rng.normal(0, 0.1))  # a plain step: 8 ms, ±10 %
+        draft = 0.0001 if ran else 0.0
+        gate.record(ran, 1, plain + draft, draft, plain if ran else None)
+        choices.append(ran)
+    assert sum(choices) <= gate.min_trials + 6 + 400 // 32, gate.summary()  # probes back off
+    assert not any(choices[50:60]) and gate.rate(False) > gate.rate(True)
+
+
+def test_the_source_resumes_when_a_probe_pays():
+    gate = DraftGate()
+    for _ in range(100):  # it does not pay: stopped
+        ran = gate.want()
+        gate.record(ran, 1, 0.0081 if ran else 0.008, 0.0001 if ran else 0.0, 0.008 if ran else None)
+    assert not gate.want() or not gate.want()
+    resumed = []
+    for _ in range(200):  # now the draft is accepted: 3 tokens a step
+        ran = gate.want()
+        gate.record(ran, 3 if ran else 1, 0.0101 if ran else 0.008, 0.0001 if ran else 0.0)
+        resumed.append(ran)
+    assert np.mean(resumed[100:]) > 0.95, gate.summary()
 
 
 # ---------------------------------------------------------------------- 2. in the engine
@@ -159,6 +190,18 @@ def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_targ
                             params={"expansion.gate": False}, clock=clock)
     assert ungated.gate is None
     assert all(drafted_flags(ungated, reference, runs=1)), "without the gate every step drafts"
+
+
+def test_engine_stops_a_cheap_drafter_that_does_not_pay_and_keeps_a_cheap_good_one(tiny_target, reference, clock):
+    """A drafter costing 2 % of a step is no reason to draft on every step: the engine's gate has no
+    "cheap" exemption."""
+    target = timed(tiny_target, clock)
+    useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.0002, oracle=False, clock=clock),
+                            clock=clock)
+    assert np.mean(drafted_flags(useless, reference)[40:]) < 0.15, useless.gate.summary()
+    good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.0002, oracle=True, clock=clock),
+                         clock=clock)
+    assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > 0.85, good.gate.summary()
 
 
 def test_fixed_budget_policies_never_skip(tiny_target, reference, clock):
