@@ -65,7 +65,7 @@ def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> t
 
 
 load_hf.peer_names = ("hf", "hf-lookup")
-load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup")
+load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
 load_llamacpp.claims = llamacpp_claims
 load_llamacpp.auto_priority = 10
 

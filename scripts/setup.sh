@@ -11,7 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.specframe-setup
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+# llama.cpp's own server for the bench peers, built once into the specframe cache (which .ci/run empties, so
+# this also runs when .venv is up to date; the script returns at once when the binary is there)
+server() { [ -n "${SPECFRAME_NO_LLAMA:-}${SPECFRAME_NO_LLAMA_SERVER:-}" ] || bash scripts/build_llama_server.sh; }
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then server; exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -47,6 +50,6 @@ if [ -z "${SPECFRAME_NO_LLAMA:-}" ] && ! python -c "import llama_cpp" 2>/dev/nul
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)} \
     quiet pip install -q "llama-cpp-python>=0.3.36" "diskcache>=5.6"  # = the `llama` extra
 fi
-[ -n "${SPECFRAME_NO_LLAMA:-}${SPECFRAME_NO_LLAMA_SERVER:-}" ] || bash scripts/build_llama_server.sh  # llama.cpp's own server for the bench peers, once
 touch "$stamp"
+server
 echo "setup: done (.venv)"

@@ -226,7 +226,7 @@ class _StreamPrinter:
 
 @cli.command()
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True,
-              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the backend's peers: hf, hf-lookup (transformers) or llama-cpp, llama-cpp-lookup (llama.cpp).")
+              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the backend's peers: hf, hf-lookup (transformers) or llama-cpp, llama-cpp-lookup, llama-server, llama-server-ngram (llama.cpp).")
 @click.option("--dataset", default="mt-bench,humaneval", show_default=True,
               help="Comma-separated: mt-bench, mt-bench-2, humaneval, sharegpt (held-out), or .jsonl files.")
 @click.option("--num-prompts", type=int, default=10, show_default=True)
