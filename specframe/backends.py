@@ -98,6 +98,17 @@ def capabilities(target) -> Capabilities:
     return getattr(target, "capabilities", None) or Capabilities()
 
 
+def describe_backend(target) -> dict:
+    """The runtime a target runs on, for ``--json`` and logs: ``{"name", "settings"}`` (settings from the
+    target's own ``settings()`` where it has one: file, mode, threads, context, ...) and, when ``--backend
+    auto`` chose it, ``"auto"``: why."""
+    settings = getattr(target, "settings", None)
+    out = {"name": getattr(target, "backend", DEFAULT_BACKEND), "settings": dict(settings()) if callable(settings) else {}}
+    if getattr(target, "backend_note", ""):
+        out["auto"] = target.backend_note
+    return out
+
+
 def require_features(target, who: str) -> None:
     """One clear error when ``who`` needs hidden-state features that ``target``'s backend does not give."""
     if not capabilities(target).features:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import capabilities
+from .backends import capabilities, describe_backend
 from .clock import Clock, real_clock
 from .components import (
     Draft,
@@ -82,7 +82,7 @@ class SpecGenerator:
         self.clock = clock  # every timing of the loop, the gates and calibration reads this one clock
         self.components = resolve_components(self.registry, target, policy, drafter, params, strict_params,
                                              clock=clock, **objects)
-        self.described = self.components.describe()
+        self.described = {**self.components.describe(), "backend": describe_backend(target)}
         for comp, why in self.components.notes.items():
             log.info("%s auto -> %s: %s", comp, self.components.names[comp], why)
         self.max_tree_nodes = max_tree_nodes
@@ -283,7 +283,7 @@ class _Run:
         tree = built.tree
         who = f"drafter '{names['drafter']}' with expansion policy '{names['expansion']}'"
         validate_tree(tree, self.t.vocab_size, who)
-        if int(tree.tokens[0]) != ctx.root_token or tree.size - 1 > ctx.max_nodes or tree.max_depth > ctx.max_depth:
+        if tree.token_list[0] != ctx.root_token or tree.size - 1 > ctx.max_nodes or tree.max_depth > ctx.max_depth:
             raise InvalidTreeError(
                 f"{who} produced a tree outside its bounds (root must be the last token, "
                 f"≤ {ctx.max_nodes} nodes, depth ≤ {ctx.max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
@@ -318,14 +318,15 @@ class _Run:
         t3 = clock()
         path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
         session.keep(path, tree.size)
-        accepted = tree.tokens[path[1:]].tolist()
+        tokens = tree.token_list
+        accepted = [tokens[i] for i in path[1:]]
         committed = []
         for tok in accepted + [bonus]:
             committed.append(tok)
             if tok in self.eos or len(committed) == remaining:
                 break
         feats = None if fwd.features is None else fwd.features[torch.tensor(path)]
-        self._call(f"drafter '{names['drafter']}'", c.drafter.commit, tree.tokens[path].tolist(), feats)
+        self._call(f"drafter '{names['drafter']}'", c.drafter.commit, [tokens[i] for i in path], feats)
         self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
         self._call(f"cost model '{names['cost_model']}'", c.cost_model.observe, tree.size, past, t3 - t2)
         t4 = clock()

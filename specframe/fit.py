@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import isotonic_regression, nnls
 
@@ -69,7 +71,7 @@ class HostCost:
         self._ratio = 0.0  # mean seconds per node of big trees, the stand-in until a slope is identified
 
     def observe(self, n: int, seconds: float) -> None:
-        if not (seconds >= 0 and np.isfinite(seconds)):
+        if not (seconds >= 0 and math.isfinite(seconds)):
             return
         d = self.decay
         self.w, self.sn, self.sy = d * self.w + 1.0, d * self.sn + n, d * self.sy + seconds

@@ -5,7 +5,9 @@ a step, :meth:`DraftGate.want` says whether to run the source; after it, :meth:`
 what the step committed and how long it took. The gate keeps, for steps *with* and *without* the source,
 an exponentially weighted mean of committed tokens and of step seconds, runs the arm with the higher
 tokens per second and re-tries the other now and then (every ``probe_every`` steps, doubling each time
-the other arm loses again, up to ``max_probe_every``, and never more than ``explore_share`` of the time),
+the other arm loses again, up to ``max_probe_every``, and never spending more than ``explore_share`` of the
+time on probes: a probe of a source that is off costs its extra seconds over a plain step, so a cheap
+source is re-tried as often as the interval allows, a costly one more rarely),
 so it follows the text and the machine as they change. The gate only changes which tree is verified,
 never the output.
 
@@ -63,11 +65,19 @@ class DraftGate:
         if leader != self.leader:
             self.leader, self.interval, self.since_probe, self.since_probe_s = leader, self.probe_every, 0, 0.0
         self.since_probe += 1
-        if self.since_probe >= self.interval and self.since_probe_s * self.explore_share >= self.step_s[not leader]:
+        if self.since_probe >= self.interval and self.since_probe_s * self.explore_share >= self.probe_cost(leader):
             self.since_probe, self.since_probe_s = 0, 0.0
             self.interval = min(2 * self.interval, self.max_probe_every)
             return not leader
         return leader
+
+    def probe_cost(self, leader: bool) -> float:
+        """What one step of the other arm costs beyond a step of the leader: a probe of a source that
+        is not running costs its extra seconds (a cheap source is re-tried often); a probe of plain steps
+        while the source runs costs a whole step (what it may lose)."""
+        if leader:
+            return self.step_s[False]
+        return max(self.step_s[True] - self.step_s[False], 0.0)
 
     def record(self, ran: bool, tokens: int, step_seconds: float, draft_seconds: float = 0.0,
                plain_seconds: float | None = None) -> None:

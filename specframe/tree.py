@@ -15,8 +15,8 @@ attends to the committed prefix plus its own ancestors (and itself).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,11 +33,33 @@ class Tree:
 
     @property
     def size(self) -> int:
-        return int(self.tokens.shape[0])
+        return len(self.token_list)
 
-    @property
+    # Plain-list views, made once per tree: a step's tree is small, and the loop, the verifier and a
+    # backend's batch layout each read it; one tensor op costs more than a loop over such a list.
+    @cached_property
+    def token_list(self) -> list[int]:
+        return self.tokens.tolist()
+
+    @cached_property
+    def logq_list(self) -> list[float]:
+        return self.logq.tolist()
+
+    @cached_property
+    def source_list(self) -> list[int] | None:
+        return None if self.source is None else self.source.tolist()
+
+    @cached_property
+    def parent_list(self) -> list[int]:
+        return self.parents.tolist()
+
+    @cached_property
+    def depth_list(self) -> list[int]:
+        return self.depths.tolist()
+
+    @cached_property
     def max_depth(self) -> int:
-        return int(self.depths.max()) if self.size else 0
+        return max(self.depth_list, default=0)
 
     @classmethod
     def root_only(cls, token: int) -> "Tree":
@@ -64,20 +86,71 @@ class Tree:
             if not 0 <= p < i:
                 raise InvalidTreeError(f"node {i} has parent {p}; parents must come first (0 <= parent < {i})")
             depths[i] = depths[p] + 1
-        return cls(
-            tokens=torch.tensor(tokens, dtype=torch.long),
-            parents=torch.tensor(parents, dtype=torch.long),
-            depths=torch.tensor(depths, dtype=torch.long),
-            logq=torch.tensor(logq if logq is not None else [0.0] * n, dtype=torch.float32),
-            source=None if source is None else torch.tensor(source, dtype=torch.long),
-        )
+        if logq is not None and len(logq) != n or source is not None and len(source) != n:
+            raise InvalidTreeError(f"tree has {n} tokens but {len(logq or source)} draft log-probs or sources")
+        if cls is not Tree:  # a subclass gets its own constructor with every tensor
+            return cls(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long),
+                       depths=torch.tensor(depths, dtype=torch.long),
+                       logq=torch.tensor(logq if logq is not None else [0.0] * n, dtype=torch.float32),
+                       source=None if source is None else torch.tensor(source, dtype=torch.long))
+        return _ListTree.of(list(map(int, tokens)), list(map(int, parents)), depths,
+                            [0.0] * n if logq is None else list(map(float, logq)),
+                            None if source is None else list(map(int, source)))
 
     def children(self) -> list[list[int]]:
         """children[i] = indices of the children of node i (ascending)."""
         kids: list[list[int]] = [[] for _ in range(self.size)]
-        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+        for i, p in enumerate(self.parent_list[1:], start=1):
             kids[p].append(i)
         return kids
+
+
+class _ListTree(Tree):
+    """A :class:`Tree` made by :meth:`Tree.from_lists`: the lists are its values, and each tensor is made
+    on first use (a step that never needs one, such as a root-only step on llama.cpp, makes none)."""
+
+    def __init__(self, tokens, parents, depths, logq=None, source=None):  # e.g. dataclasses.replace()
+        as_list = lambda v, kind: list(map(kind, v.tolist() if isinstance(v, torch.Tensor) else v))  # noqa: E731
+        self._fill(as_list(tokens, int), as_list(parents, int), as_list(depths, int),
+                   [0.0] * len(tokens) if logq is None else as_list(logq, float),
+                   None if source is None else as_list(source, int))
+
+    @classmethod
+    def of(cls, tokens: list[int], parents: list[int], depths: list[int], logq: list[float],
+           source: list[int] | None) -> "_ListTree":
+        """From lists already checked and converted (no copies)."""
+        tree = object.__new__(cls)
+        tree._fill(tokens, parents, depths, logq, source)
+        return tree
+
+    def _fill(self, tokens, parents, depths, logq, source) -> None:  # frozen: straight into the instance dict
+        self.__dict__.update(token_list=tokens, parent_list=parents, depth_list=depths, logq_list=logq,
+                             source_list=source)
+        if source is None:
+            self.__dict__["source"] = None
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        return torch.tensor(self.token_list, dtype=torch.long)
+
+    @cached_property
+    def parents(self) -> torch.Tensor:
+        return torch.tensor(self.parent_list, dtype=torch.long)
+
+    @cached_property
+    def depths(self) -> torch.Tensor:
+        return torch.tensor(self.depth_list, dtype=torch.long)
+
+    @cached_property
+    def logq(self) -> torch.Tensor:
+        return torch.tensor(self.logq_list, dtype=torch.float32)
+
+    @cached_property
+    def source(self) -> torch.Tensor | None:
+        return torch.tensor(self.source_list, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"Tree(tokens={self.token_list}, parents={self.parent_list}, logq={self.logq_list})"
 
 
 def ancestor_matrix(tree: Tree) -> torch.Tensor:
@@ -123,7 +196,7 @@ def path_confidence(tree: Tree) -> torch.Tensor:
 def leaf_paths(tree: Tree) -> list[list[int]]:
     """Every root-to-leaf path as a list of node indices (root first)."""
     kids = tree.children()
-    parents = tree.parents.tolist()
+    parents = tree.parent_list
     paths = []
     for leaf in (i for i in range(tree.size) if not kids[i]):
         path = [leaf]
@@ -141,11 +214,12 @@ def validate_tree(tree: Tree, vocab_size: int, who: str) -> None:
     otherwise descend into either).
     """
     n = tree.size
-    fields = (tree.parents, tree.depths, tree.logq)
+    # a tree from lists has consistent lengths by construction; one built from tensors is checked here
+    fields = () if isinstance(tree, _ListTree) else (tree.tokens, tree.parents, tree.depths, tree.logq)
     if n == 0 or any(t.shape != (n,) for t in fields):
         raise InvalidTreeError(f"{who} produced a malformed tree (empty or fields of different lengths)")
     # plain lists: a step's tree is small, and one tensor op costs more than a loop over it
-    parents, depths, tokens = tree.parents.tolist(), tree.depths.tolist(), tree.tokens.tolist()
+    parents, depths, tokens = tree.parent_list, tree.depth_list, tree.token_list
     if parents[0] != -1:
         raise InvalidTreeError(f"{who} produced a tree whose node 0 is not the root (parent {parents[0]})")
     for i in range(1, n):
@@ -160,7 +234,7 @@ def validate_tree(tree: Tree, vocab_size: int, who: str) -> None:
             raise InvalidTreeError(
                 f"{who} produced token {tok} at node {i}, outside the vocabulary [0, {vocab_size})"
             )
-    if not all(map(math.isfinite, tree.logq.tolist())):
+    if not all(map(math.isfinite, tree.logq_list)):
         raise InvalidTreeError(f"{who} produced NaN or infinite draft log-probabilities")
     if len(set(zip(parents[1:], tokens[1:]))) != n - 1:
         raise InvalidTreeError(f"{who} produced a tree with two siblings carrying the same token")

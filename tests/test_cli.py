@@ -137,6 +137,10 @@ def test_run_json_matches_ar(runner, loads, tiny, policy_args):
     parts = stats["prefill_s"] + stats["draft_s"] + stats["overhead_s"] + stats["verify_s"]
     assert parts <= stats["wall_s"] + 5e-4, stats
     assert loads == [(None, "float32", "cpu")]
+    backend = out["components"]["backend"]  # which runtime ran, and with what
+    assert backend["name"] == "hf" and "auto" not in backend, backend
+    assert {k: backend["settings"][k] for k in ("model", "dtype", "device")} == {
+        "model": tiny.name, "dtype": str(tiny.dtype).replace("torch.", ""), "device": "cpu"}
 
 
 def test_run_json_every_registered_policy(runner, loads, tiny):

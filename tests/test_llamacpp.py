@@ -4,6 +4,8 @@ corrupt GGUF file, a dtype or mode it does not have, a batch llama.cpp would abo
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 import tempfile
 
@@ -139,6 +141,18 @@ def test_run_on_llamacpp_names_the_backend_and_why_auto_left_the_block_drafter_o
     assert lines[0].startswith("specframe: backend auto -> llama.cpp: a GGUF file on a CPU"), lines
     assert lines[1].startswith("specframe: drafter auto -> ngram: "), lines
     assert lines[2].startswith("[bastion · backend llama.cpp · drafter ngram · 6 tokens in "), lines
+
+
+@needs_llama
+def test_run_json_names_the_backend_and_its_settings(gguf_path):
+    result = CliRunner().invoke(cli, ["run", "--json", "--target", str(gguf_path), "--no-chat", "--prompt", "abcab",
+                                      "-n", "3", "--backend-option", "mode=fast", "--backend-option", "threads=1",
+                                      "--backend-option", "n_ctx=256"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    backend = json.loads(result.stdout)["components"]["backend"]
+    assert backend["name"] == "llama.cpp" and backend["auto"].startswith("a GGUF file on a CPU"), backend
+    assert backend["settings"] == {"model": f"{gguf_path.stem} (llama.cpp)", "file": str(gguf_path), "mode": "fast",
+                                   "threads": 1, "n_ctx": 256, "rows": 512, "flash_attn": True}
 
 
 @needs_llama

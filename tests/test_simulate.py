@@ -135,8 +135,7 @@ def test_every_policy_simulates_to_its_live_run_exactly(make_target, tmp_path, d
         live = live_table(make_target, profile, label, ngram)
         assert same(summary[label], live) == {}, label
     shares = summary["bastion"]["drafted_share"]
-    # drafts are never accepted on this toy trace: the gate stops the drafter, cheap or costly, and probes it
-    assert 0.0 < shares < 0.1, shares
+    assert (0.2 < shares < 1.0) if draft_s < 0.01 else (shares < 0.1), shares  # the gate decided both ways
     assert summary["best-first:8"]["drafted_share"] == 1.0
 
 

@@ -49,6 +49,13 @@ def peers_of(target) -> tuple[str, ...]:
     return tuple(getattr(target, "peer_names", ()))
 
 
+def baseline_peers(target) -> tuple[str, ...]:
+    """The peers every method's speedup is also given against: the runtime's plain decoding loops
+    (``baseline_peers`` where the target names them, e.g. llama-cpp-python's loop and ``llama-server``),
+    else its first peer."""
+    return tuple(getattr(target, "baseline_peers", ()) or peers_of(target)[:1])
+
+
 def split_methods(spec: str) -> list[str]:
     """``"ar,static-tree:2,2,1,bastion"`` → ``["ar", "static-tree:2,2,1", "bastion"]`` (pure numbers
     continue the previous item's value)."""
@@ -126,10 +133,17 @@ def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: in
             seed: int | None) -> dict:
     ids = datasets.encode(prompt, target)
     if method.peer:
+        prepare = getattr(method.run, "prepare", None)  # e.g. a fresh server: not generation time
+        if callable(prepare):
+            prepare()
         start = time.perf_counter()
         out = method.run(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
         wall = time.perf_counter() - start
-        return {"token_ids": out, "new_tokens": len(out), "wall_time": wall}
+        row = {"token_ids": out, "new_tokens": len(out), "wall_time": wall}
+        timings = getattr(method.run, "last_timings", None)  # a server peer's own account of the request
+        if timings:
+            row["peer_timings"] = dict(timings)
+        return row
     gen = method.generator.generate(ids, max_new, temperature=sampling.temperature, top_k=sampling.top_k,
                                     top_p=sampling.top_p, seed=seed)
     s, recs = gen.stats, gen.stats.records
@@ -192,7 +206,7 @@ def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_d
                     fh.write(json.dumps(row) + "\n")
                     fh.flush()
                     advance(f"{prompt.dataset} {prompt.id} {m.label}")
-    summary = summarize(rows, [m.label for m in methods], sampling, peers_of(target))
+    summary = summarize(rows, [m.label for m in methods], sampling, baseline_peers(target))
     summary["machine"] = machine_description(target)
     summary["target"] = target.name
     summary["backend"] = getattr(target, "backend", "hf")
@@ -207,9 +221,9 @@ def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_d
 
 
 def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, peers: tuple[str, ...] = ("hf",)) -> dict:
-    """Per dataset and method: τ, tokens/s, TPOT, speedup vs ar and vs the backend's plain peer (``hf``,
-    ``llama-cpp``; mean ± spread over repeats)."""
-    bases = ["ar"] + [p for p in peers if p in labels][:1]
+    """Per dataset and method: τ, tokens/s, TPOT, speedup vs ar and vs the backend's plain peers (``hf``;
+    ``llama-cpp`` and ``llama-server``; mean ± spread over repeats)."""
+    bases = ["ar"] + [p for p in peers if p in labels]
     result: dict = {"datasets": {}, "failures": [], "baselines": bases}
     for row in rows:
         if row.get("error"):
@@ -241,8 +255,16 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, pee
                 ratios = [per_rep[lab][rep] / per_rep[base][rep] for rep in repeats
                           if base in per_rep and per_rep[base].get(rep) and per_rep[lab].get(rep)]
                 if ratios:
-                    entry[f"speedup_vs_{base}"] = statistics.fmean(ratios)
+                    entry[f"speedup_vs_{base}"] = statistics.median(ratios)  # median over repeats
                     entry[f"speedup_vs_{base}_spread"] = (max(ratios) - min(ratios)) / 2 if len(ratios) > 1 else 0.0
+            served = [r["peer_timings"] for r in mine if r.get("peer_timings")]
+            if served:  # what the server itself reports: decode-only tokens/s and its own draft acceptance
+                rates = [t["predicted_per_second"] for t in served if t.get("predicted_per_second")]
+                if rates:
+                    entry["server_decode_tokens_per_s"] = statistics.median(rates)
+                drafted = sum(t.get("draft_n") or 0 for t in served)
+                if drafted:
+                    entry["server_draft_acceptance"] = sum(t.get("draft_n_accepted") or 0 for t in served) / drafted
             if steps and all("verify_s" in r for r in mine):
                 verify = sum(sum(r["verify_s"]) for r in mine)
                 draft, host = sum(r["draft_s"] for r in mine), sum(r["overhead_s"] for r in mine)
@@ -309,7 +331,7 @@ def render_report(summary: dict, figures: list[str]) -> str:
         f"temperature {s['temperature']} · {s['repeats']} repeat(s)",
         f"- backend: {summary.get('backend', 'hf')}",
         "- methods ran interleaved per prompt in one process after a warm-up; speedup = tokens/s ÷ the baseline's "
-        "tokens/s on the same prompts (wall time including prefill). Step limit: the speedup over `ar` that the "
+        "tokens/s on the same prompts (wall time including prefill), the median over repeats ± half the range. Step limit: the speedup over `ar` that the "
         "measured acceptance τ, draft time D and verification time T(n) allow before host work (T(1) = `ar`'s median "
         "verification); host share: tree building and bookkeeping as a share of a step.",
         "",
@@ -331,6 +353,12 @@ def render_report(summary: dict, figures: list[str]) -> str:
             lines += ["Acceptance by position k (share of steps whose tree reached depth k that accepted ≥ k tokens):", ""]
             lines += [f"- {lab}: " + " · ".join(f"{a:.2f}" for a in vals[:10]) for lab, vals in acc.items()]
             lines.append("")
+        served = {lab: e for lab, e in table.items() if "server_decode_tokens_per_s" in e}
+        if served:
+            lines += ["What the server peers report themselves (their `timings`; decode only, no prefill or HTTP): "
+                      + ", ".join(f"{lab} {e['server_decode_tokens_per_s']:.1f} tokens/s"
+                                  + (f" (its drafts accepted {e['server_draft_acceptance']:.0%})"
+                                     if "server_draft_acceptance" in e else "") for lab, e in served.items()), ""]
         gated = {lab: e["drafted_share"] for lab, e in table.items() if e.get("drafted_share", 1.0) < 1.0}
         if gated:
             lines += ["Share of steps that ran the drafter (the draft gate skipped it on the rest): "
