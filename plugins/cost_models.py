@@ -99,6 +99,7 @@ class Roofline(CostModel):
         self.refit_every, self.half_life = int(refit_every), float(half_life)
         self.calibrate_sizes = tuple(calibrate_sizes)
         self._pending = 0
+        self._lines_stale = False  # observations of n >= 2 arrived since the last refit of the lines
         self._cache: dict[tuple[int, int], float] = {}
 
     def features(self, n: int, context: int) -> tuple[float, float]:
@@ -127,9 +128,15 @@ class Roofline(CostModel):
             self.single.append((float(seconds), context))
         else:
             self.obs.append((*self.features(n, context), float(seconds)))
+            self._lines_stale = True
         self._pending += 1
         if self._pending >= self.refit_every:
-            self.refit()
+            if self._lines_stale:
+                self.refit()
+            else:  # only single-token timings came (plain steps): the lines' data did not change
+                self._pending = 0
+                self._cache.clear()
+                self._refit_single()
 
     def calibrate(self, measure, context: int) -> None:
         for n in self.calibrate_sizes:
@@ -138,7 +145,7 @@ class Roofline(CostModel):
 
     def refit(self) -> None:
         """Refit both branches on the observation window (alternating assignment, a few rounds)."""
-        self._pending = 0
+        self._pending, self._lines_stale = 0, False
         self._cache.clear()
         if not self.obs:
             self._refit_single()

@@ -161,6 +161,8 @@ class AdaptiveBestFirst(ExpansionPolicy):
         out = TreeBuilder(ctx.root_token)
         limit = min(self.max_nodes, ctx.max_nodes)
         frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
+        if not frontier:  # nothing drafted (or the gate skipped the drafter): the root alone, as plain decoding
+            return out.build()
         cost, c, d, h = ctx.cost_model, ctx.context_len, ctx.draft_seconds, ctx.node_seconds
         convex_from = getattr(cost, "convex_from", None)
         s, c_now = 1.0, cost.predict(1, c) + h

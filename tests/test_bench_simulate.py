@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specframe import SpecGenerator, Target
+from specframe import Registry, SpecGenerator, Target, hookimpl, make_plugin_set
 from specframe.tools.bench import run_bench, split_methods
 from specframe.cli import cli
 from specframe.datasets import Prompt
@@ -295,3 +295,46 @@ def test_simulated_host_overhead_grows_with_the_tree(target, tmp_path):
     assert grown >= host["best-first:8"]["mean_tree_size"] - 1 - 1e-9
     assert host["best-first:8"]["speedup_vs_ar"] < plain["best-first:8"]["speedup_vs_ar"]
     assert host["best-first:8"]["tau"] == plain["best-first:8"]["tau"]
+
+
+class _OddPeerBackend:
+    """A backend plugin whose loader offers the peers ``odd`` (ar's output with its 4th token changed) and
+    ``served`` (ar's output, with a server-style account of itself and a fresh start before each run)."""
+
+    @hookimpl
+    def register_backends(self, register):
+        def load(spec=None, *, dtype="float32", device="cpu"):
+            raise AssertionError("not loaded in this test")
+
+        load.peer_names = ("odd", "served")
+        register("odd-backend", load)
+
+
+def test_peer_divergences_are_reported_not_failures_and_server_timings_summarised(target, dataset, tmp_path):
+    ar = SpecGenerator(target, "ar")
+    prepared = []
+
+    def peer(name):
+        def run(ids, n, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+            out = ar.generate(ids, n).token_ids
+            return out[:3] + [(out[3] + 1) % 64] + out[4:] if name == "odd" else out
+
+        run.last_timings = {"predicted_per_second": 100.0, "draft_n": 10, "draft_n_accepted": 4}
+        run.prepare = lambda: prepared.append(name)
+        return run
+
+    registry = Registry(make_plugin_set(extra=[_OddPeerBackend()]))
+    odd = Target(target.model, target.tokenizer, "tiny")
+    odd.peer_names, odd.peer, odd.baseline_peers = ("odd", "served"), peer, ("served",)
+    summary = run_bench(odd, ["ar", "odd", "served"], [dataset], tmp_path / "b", num_prompts=2, max_new_tokens=8,
+                        repeats=2, progress=False, plots=False, registry=registry)
+    assert summary["failures"] == []
+    assert summary["divergences"] == [{"dataset": "toy", "prompt_id": f"toy-{i}", "method": "odd", "repeat": r,
+                                       "first_token": 3} for i in range(2) for r in range(2)]
+    assert summary["baselines"] == ["ar", "served"]
+    served = summary["datasets"]["toy"]["served"]
+    assert served["server_decode_tokens_per_s"] == 100.0 and served["server_draft_acceptance"] == pytest.approx(0.4)
+    assert prepared.count("served") == 2 * 2 + 1  # every run (and the warm-up) starts fresh, outside the clock
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "- odd: 4 run(s); first difference at token 3 (toy toy-0)" in report
+    assert "served 100.0 tokens/s (its drafts accepted 40%)" in report
