@@ -176,32 +176,27 @@ def clock():
     return ManualClock()
 
 
-def test_engine_skips_a_slow_useless_drafter_and_keeps_a_slow_good_one(tiny_target, reference, clock):
+@pytest.mark.parametrize("useless_s, good_s, most, least", [(0.02, 0.004, 0.25, 0.8), (0.0002, 0.0002, 0.15, 0.85)],
+                         ids=["slow", "cheap"])
+def test_engine_skips_a_useless_drafter_and_keeps_a_good_one(tiny_target, reference, clock, useless_s, good_s, most,
+                                                              least):
+    """Slow or cheap (2 % of a step): the engine's gate has no "cheap" exemption; what decides is whether
+    the drafts pay."""
     target = timed(tiny_target, clock)
-    useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
+    useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, useless_s, oracle=False, clock=clock),
                             clock=clock)
-    assert np.mean(drafted_flags(useless, reference)[40:]) < 0.25, useless.gate.summary()
-
-    good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.004, oracle=True, clock=clock),
+    assert np.mean(drafted_flags(useless, reference)[40:]) < most, useless.gate.summary()
+    good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, good_s, oracle=True, clock=clock),
                          clock=clock)
-    assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > 0.8, good.gate.summary()
+    assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > least, good.gate.summary()
 
-    ungated = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
+
+def test_without_the_gate_every_step_drafts(tiny_target, reference, clock):
+    ungated = SpecGenerator(timed(tiny_target, clock), "bastion",
+                            drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
                             params={"expansion.gate": False}, clock=clock)
     assert ungated.gate is None
-    assert all(drafted_flags(ungated, reference, runs=1)), "without the gate every step drafts"
-
-
-def test_engine_stops_a_cheap_drafter_that_does_not_pay_and_keeps_a_cheap_good_one(tiny_target, reference, clock):
-    """A drafter costing 2 % of a step is no reason to draft on every step: the engine's gate has no
-    "cheap" exemption."""
-    target = timed(tiny_target, clock)
-    useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.0002, oracle=False, clock=clock),
-                            clock=clock)
-    assert np.mean(drafted_flags(useless, reference)[40:]) < 0.15, useless.gate.summary()
-    good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.0002, oracle=True, clock=clock),
-                         clock=clock)
-    assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > 0.85, good.gate.summary()
+    assert all(drafted_flags(ungated, reference, runs=1))
 
 
 def test_fixed_budget_policies_never_skip(tiny_target, reference, clock):
