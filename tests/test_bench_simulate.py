@@ -64,6 +64,8 @@ def test_bench_end_to_end(target, dataset, tmp_path):
     table = summary["datasets"]["toy"]
     assert table["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
     assert table["ar"]["tau"] == pytest.approx(1.0)
+    ar_ = table["ar"]  # plain decoding allows itself: T(1) is the mean of the very steps it is compared with
+    assert ar_["step_limit"] == pytest.approx(ar_["verify_ms"] / (ar_["draft_ms"] + ar_["verify_ms"]), rel=1e-9)
     def rate(method, rep):  # tokens per second of one method over one repeat's prompts
         mine = [r for r in rows if r["method"] == method and r["repeat"] == rep]
         return sum(r["new_tokens"] for r in mine) / sum(r["wall_time"] for r in mine)

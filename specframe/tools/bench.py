@@ -281,7 +281,7 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, pee
                 entry["step_ms"] = 1000 * (verify + draft + host) / steps
                 entry["draft_ms"], entry["verify_ms"] = 1000 * draft / steps, 1000 * verify / steps
             table[lab] = entry
-        t1 = _median_verify(ok, "ar", 1)
+        t1 = _mean_verify(ok, "ar", 1)
         for lab, entry in table.items():  # what the drafts' measured acceptance allows: τ·T(1)/(D + T(n))
             if t1 and entry.get("tau") and entry.get("step_ms"):
                 entry["step_limit"] = entry["tau"] * t1 * 1000 / (entry["draft_ms"] + entry["verify_ms"])
@@ -291,9 +291,11 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, pee
     return result
 
 
-def _median_verify(rows: list[dict], label: str, size: int) -> float | None:
+def _mean_verify(rows: list[dict], label: str, size: int) -> float | None:
+    """The mean verification seconds of ``label``'s steps of ``size`` nodes (the mean, as the step time it
+    is compared with is a mean: ``ar``'s own step limit is then exactly 1)."""
     times = [v for r in rows if r["method"] == label for n, v in zip(r.get("tree_sizes", []), r.get("verify_s", [])) if n == size]
-    return statistics.median(times) if times else None
+    return statistics.fmean(times) if times else None
 
 
 def verify_curve(rows: list[dict], min_samples: int = 5) -> dict[int, dict]:
