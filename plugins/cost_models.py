@@ -131,23 +131,19 @@ class Roofline(CostModel):
             self._lines_stale = True
         self._pending += 1
         if self._pending >= self.refit_every:
-            if self._lines_stale:
-                self.refit()
-            else:  # only single-token timings came (plain steps): the lines' data did not change
-                self._pending = 0
-                self._cache.clear()
-                self._refit_single()
+            self.refit(lines=self._lines_stale)  # plain steps bring single-token timings only
 
     def calibrate(self, measure, context: int) -> None:
         for n in self.calibrate_sizes:
             self.observe(n, context, measure(n))
         self.refit()
 
-    def refit(self) -> None:
-        """Refit both branches on the observation window (alternating assignment, a few rounds)."""
+    def refit(self, lines: bool = True) -> None:
+        """Refit both branches on the observation window (alternating assignment, a few rounds), unless
+        ``lines`` is false (their data did not change), then the single-token ratio."""
         self._pending, self._lines_stale = 0, False
         self._cache.clear()
-        if not self.obs:
+        if not (self.obs and lines):
             self._refit_single()
             return
         arr = np.asarray(self.obs)

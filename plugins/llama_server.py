@@ -34,8 +34,9 @@ no request field or server option resets it (it resets itself only when 25 % ful
 rejected drafts). A single request must not profit from earlier ones (a repeated benchmark prompt would be
 drafted whole), so the peer restarts the server before every request but the first (``fresh_per_request``,
 on for every speculation but ``ngram-simple``, which only reads the request's own tokens). A restart takes
-≈ 0.3 s for SmolLM2-135M on 1 thread (model load ≈ 0.25 s, warm-up ≈ 0.03 s); it is inside that ``run``
-call's wall time and reported as ``last_timings["restart_ms"]``, so a benchmark can take it out.
+≈ 0.3 s for SmolLM2-135M on 1 thread (model load ≈ 0.25 s, warm-up ≈ 0.03 s). ``specframe bench`` has it
+done by ``run.prepare()`` before it starts the clock; a ``run`` that still needs one does it first and
+reports it as ``last_timings["restart_ms"]``.
 """
 
 from __future__ import annotations

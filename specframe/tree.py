@@ -86,8 +86,9 @@ class Tree:
             if not 0 <= p < i:
                 raise InvalidTreeError(f"node {i} has parent {p}; parents must come first (0 <= parent < {i})")
             depths[i] = depths[p] + 1
-        if logq is not None and len(logq) != n or source is not None and len(source) != n:
-            raise InvalidTreeError(f"tree has {n} tokens but {len(logq or source)} draft log-probs or sources")
+        for what, values in (("draft log-probs", logq), ("sources", source)):
+            if values is not None and len(values) != n:
+                raise InvalidTreeError(f"tree has {n} tokens but {len(values)} {what}")
         if cls is not Tree:  # a subclass gets its own constructor with every tensor
             return cls(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long),
                        depths=torch.tensor(depths, dtype=torch.long),
