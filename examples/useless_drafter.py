@@ -13,7 +13,7 @@ import torch
 from specframe import Drafter, MarginalDraft, SpecGenerator, Target
 from specframe.datasets import encode, load
 from specframe.plugins.dflash import DFlashDrafter
-from specframe.target import quiet_transformers
+from specframe.plugins.hf import quiet_transformers
 
 USELESS = 16  # <empty_output>
 

@@ -1,18 +1,12 @@
 """Built-in target backends: ``hf`` (transformers: hub id, local directory, ``.gguf`` file, or the embedded
-default; :class:`specframe.target.Target`) and ``llama.cpp`` (a GGUF file run natively by llama.cpp;
+default; :mod:`specframe.plugins.hf`) and ``llama.cpp`` (a GGUF file run natively by llama.cpp;
 :mod:`specframe.plugins.llamacpp`)."""
 
 from __future__ import annotations
 
 from specframe import hookimpl
 from specframe.errors import SpecframeError
-
-
-def load_hf(spec: str | None = None, *, dtype="float32", device: str = "cpu"):
-    """A transformers causal LM with its tokenizer (``None``: the embedded SmolLM2-135M-Instruct)."""
-    from specframe.target import Target
-
-    return Target.load(spec, dtype=dtype, device=device)
+from specframe.plugins.hf import load_hf  # its module imports transformers only when a model loads
 
 
 def load_llamacpp(spec: str | None = None, *, dtype="float32", device: str = "cpu", mode: str = "exact",
@@ -64,7 +58,6 @@ def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> t
     return True, "a GGUF file on a CPU: llama.cpp runs it natively, several times faster than transformers fp32"
 
 
-load_hf.peer_names = ("hf", "hf-lookup")
 load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
 load_llamacpp.claims = llamacpp_claims
 load_llamacpp.auto_priority = 10

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from specframe.errors import SpecframeError
-from specframe.target import Target
+from specframe.plugins.hf import Target
 
 MAX_PROMPT_TOKENS = 384
 

@@ -48,7 +48,7 @@ def tiny_generate(repeats: int) -> dict:
 
 def real_forward(repeats: int, context: int = 256) -> dict:
     from specframe import Target
-    from specframe.target import quiet_transformers
+    from specframe.plugins.hf import quiet_transformers
     from specframe.tree import Tree
 
     quiet_transformers()

@@ -34,10 +34,19 @@ from .engine import Generation, SpecGenerator
 from .resolve import resolve_components
 from .errors import SpecframeError
 from .registry import PolicySpec, Registry, make_plugin_set
-from .target import Target
 from .tree import Tree
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``specframe.Target``: the ``hf`` backend's target class (transformers), resolved through the backend
+    registry on first use so that importing specframe loads no runtime."""
+    if name == "Target":
+        from .target import backend_module
+
+        return backend_module("hf").Target
+    raise AttributeError(f"module 'specframe' has no attribute '{name}'")
 
 __all__ = [
     "AcceptanceSurrogate", "BuiltTree", "Candidate", "CostModel", "Draft", "Drafter", "EmptyDraft",

@@ -2,7 +2,7 @@
 
 A backend is registered through the ``register_backends`` hook as ``register(name, load)``, where
 ``load(spec, *, dtype, device)`` returns a target for the model ``spec`` (``None`` = the embedded default).
-The built-in ``hf`` backend (transformers; :class:`specframe.target.Target`) is registered the same way.
+The built-in ``hf`` backend (transformers; ``specframe/plugins/hf.py``) is registered the same way.
 
 What the engine needs of a target (the seam; see ``docs/reference/backends.md``):
 
@@ -107,6 +107,18 @@ def describe_backend(target) -> dict:
     if getattr(target, "backend_note", ""):
         out["auto"] = target.backend_note
     return out
+
+
+def quiet_backends(registry=None) -> None:
+    """Hide every registered backend's progress bars and warnings (for the command line): each backend
+    loader that has a ``quiet()`` is called."""
+    from .registry import Registry
+
+    registry = registry or Registry()
+    for name in registry.names("backend"):
+        quiet = getattr(registry.get("backend", name).factory, "quiet", None)
+        if callable(quiet):
+            quiet()
 
 
 def require_features(target, who: str) -> None:

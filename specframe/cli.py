@@ -85,7 +85,7 @@ def load_backend_target(registry, target, backend, backend_options, dtype="float
     """Load ``target`` on ``backend`` (``auto``/None: :func:`specframe.backends.choose_backend`)."""
     from .backends import load_target
     from .resolve import parse_value
-    from .target import quiet_transformers
+    from .backends import quiet_backends
 
     options = {}
     for pair in backend_options or ():
@@ -93,7 +93,7 @@ def load_backend_target(registry, target, backend, backend_options, dtype="float
         if not sep or not key.strip():
             raise SpecframeError(f"--backend-option expects key=value, got '{pair}'")
         options[key.strip()] = parse_value(value)
-    quiet_transformers()
+    quiet_backends(registry)
     return load_target(target, backend, registry=registry, dtype=dtype, device=device, options=options)
 
 
@@ -320,7 +320,7 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_m
     """Run policies through the engine over a trace, on a device's latency profile (a labelled simulation)."""
     from .tools.bench import check_methods, split_methods
     from .tools.simulate import simulate as run_simulation
-    from .target import Target, quiet_transformers
+    from .backends import load_target, quiet_backends
 
     registry = _registry(ctx)
     labels = split_methods(methods)
@@ -332,8 +332,8 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_m
         raise SpecframeError("--overhead-ms, --host-ms-per-node and --draft-ms must be >= 0")
     if compare_dir is not None and not (Path(compare_dir) / "results.jsonl").is_file():
         raise SpecframeError(f"--compare needs a `specframe bench` directory; {Path(compare_dir) / 'results.jsonl'} is missing")
-    quiet_transformers()
-    tgt = Target.load(target)
+    quiet_backends(registry)
+    tgt = load_target(target, "hf", registry=registry)
     run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
                    None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000,
                    None if compare_dir is None else Path(compare_dir), None if node_ms is None else node_ms / 1000)
@@ -399,7 +399,7 @@ def train_drafter(ctx, target, data_files, num_prompts, prompt_sources, feature_
     """Train a DFlash block-diffusion drafter for a target by self-distillation (resumable)."""
     import time as _time
 
-    from .target import Target, quiet_transformers
+    from .backends import load_target, quiet_backends
 
     trainer = _registry(ctx).get("drafter", "dflash").factory.trainer()  # DFlash training lives beside its plugin
     FeatureStore, TrainConfig, train, export = trainer.FeatureStore, trainer.TrainConfig, trainer.train, trainer.export
@@ -428,8 +428,9 @@ def train_drafter(ctx, target, data_files, num_prompts, prompt_sources, feature_
         log_file.flush()
 
     deadline = _time.time() + 60 * time_budget if time_budget else None
-    quiet_transformers()
-    tgt = Target.load(target)
+    registry = _registry(ctx)
+    quiet_backends(registry)
+    tgt = load_target(target, "hf", registry=registry)
     layers = [int(x) for x in target_layers.split(",")] if target_layers else default_layer_ids(tgt.num_layers)
     cfg = TrainConfig(block_size=block_size, num_layers=num_layers, target_layer_ids=layers, steps=steps,
                       batch_size=batch_size, anchors_per_seq=anchors, lr=lr, draft_vocab=draft_vocab, init_from=init_from)

@@ -31,7 +31,6 @@ from .errors import InvalidTreeError, PluginError, SpecframeError
 from .learning import StepLearning
 from .registry import Registry
 from .resolve import DEFAULT_POLICY, resolve_components
-from .target import Target
 from .tree import Tree, validate_tree
 
 log = logging.getLogger("specframe")
@@ -64,7 +63,7 @@ class SpecGenerator:
 
     def __init__(
         self,
-        target: Target,
+        target,
         policy: str = DEFAULT_POLICY,
         *,
         drafter: str | Drafter | None = None,

@@ -69,3 +69,34 @@ def test_the_simulator_has_no_decoding_logic_of_its_own():
         assert called & decoding == set(), name
         modules = {m for _, m in imported_modules(CORE / "tools" / name, CORE)}
         assert not {m for m in modules if m.startswith(("specframe.gate", "specframe.fit", "specframe.learning"))}, name
+
+
+RUNTIMES = ("transformers", "llama_cpp")
+
+
+def test_core_imports_no_runtime():
+    """Every runtime is a plugin: no module of the core imports transformers or llama-cpp-python (read
+    from the AST, so a function-level import counts too)."""
+    bad = []
+    for path in sorted(CORE.rglob("*.py")):
+        for line, module in imported_modules(path, CORE):
+            if any(module == r or module.startswith(r + ".") for r in RUNTIMES):
+                bad.append(f"{path.relative_to(CORE.parent)}:{line} imports {module}")
+    assert bad == []
+
+
+def test_importing_the_core_loads_no_runtime():
+    """Importing the core (and resolving ``specframe.Target`` through the registry) loads neither runtime
+    until a model is loaded: checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, specframe, specframe.engine, specframe.cli, specframe.serve, specframe.tools.bench, "
+            "specframe.tools.simulate\n"
+            "from specframe import Target, Registry\n"
+            "from specframe.target import Target as T2, embedded_model_dir\n"
+            "assert Target is T2 and Target.__module__ == 'specframe.plugins.hf', Target.__module__\n"
+            "Registry().names('backend')\n"
+            f"print(sorted(m for m in {RUNTIMES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

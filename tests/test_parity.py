@@ -94,7 +94,7 @@ def test_tree_features_equal_plain_hidden_states(tiny_target, tiny_model):
 
 def test_tree_logits_check_detects_a_wrong_mask(tiny_target, monkeypatch):
     """Negative control: with a plain causal mask (siblings see each other) the parity check fails."""
-    import specframe.target as target_mod
+    import specframe.plugins.hf as target_mod
 
     def causal_mask(tree, past, dtype):
         n = tree.size

@@ -24,7 +24,6 @@ from ..components import SamplingParams
 from ..engine import SpecGenerator
 from ..errors import SpecframeError
 from ..registry import Registry
-from ..target import Target
 
 
 
@@ -84,7 +83,7 @@ def check_methods(labels: list[str], registry: Registry) -> None:
                 registry.get("drafter", drafter.partition(":")[0])
 
 
-def build_methods(labels: list[str], target: Target, registry: Registry, drafter=None, params=None) -> list[Method]:
+def build_methods(labels: list[str], target, registry: Registry, drafter=None, params=None) -> list[Method]:
     methods = []
     own, peers = peers_of(target), known_peers(registry)
     for label in labels:
@@ -106,7 +105,7 @@ def build_methods(labels: list[str], target: Target, registry: Registry, drafter
     return methods
 
 
-def machine_description(target: Target) -> str:
+def machine_description(target) -> str:
     import torch
 
     backend = getattr(target, "backend", "hf")
@@ -129,7 +128,7 @@ def machine_description(target: Target) -> str:
             f"{platform.system()}")
 
 
-def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: int, sampling: SamplingParams,
+def run_one(method: Method, target, prompt: datasets.Prompt, max_new: int, sampling: SamplingParams,
             seed: int | None) -> dict:
     ids = datasets.encode(prompt, target)
     if method.peer:
@@ -166,7 +165,7 @@ def run_one(method: Method, target: Target, prompt: datasets.Prompt, max_new: in
     }
 
 
-def run_bench(target: Target, labels: list[str], dataset_names: list[str], out_dir: str | Path, *,
+def run_bench(target, labels: list[str], dataset_names: list[str], out_dir: str | Path, *,
               num_prompts: int = 10, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, repeats: int = 1, seed: int = 0, drafter=None, params=None,
               registry: Registry | None = None, progress: bool = True, plots: bool = True) -> dict:
