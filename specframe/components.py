@@ -37,14 +37,40 @@ class Draft:
     """A candidate tree that expansion policies explore lazily, best children first.
 
     Subclasses implement :meth:`children`. ``max_depth`` bounds how deep the draft goes.
+
+    Most drafts know every node's children up front (prompt lookup, a block drafter's marginals). A draft
+    model does not: a node's children cost a draft forward. Such a draft sets ``lazy = True`` and answers
+    :meth:`expanded`, :meth:`expand` (the children of several nodes of one depth in ONE call) and
+    :meth:`expansion_seconds` (what that call is predicted to cost), so a policy can weigh going deeper or
+    wider against its price; :meth:`children` of a node not yet expanded expands it alone.
+    ``spent_seconds`` is what the draft's expansions during the policy's call took (the engine books it
+    as drafting time).
     """
 
     max_depth: int = 0
     ROOT: object = None
+    lazy: bool = False
+    spent_seconds: float = 0.0
 
     def children(self, handle: object, depth: int) -> list[Candidate]:
         """Children of the node at ``handle`` (which is at ``depth``), sorted by ``logq`` descending."""
         return []
+
+    def expanded(self, handle: object) -> bool:
+        """Whether the children of ``handle`` are known without further draft work."""
+        return True
+
+    def expand(self, handles: list, depth: int) -> None:
+        """Work out the children of ``handles`` (nodes at ``depth``) together, in one draft call."""
+
+    def expansion_seconds(self, count: int = 1) -> float:
+        """Predicted seconds of one :meth:`expand` call over ``count`` nodes (0 for an eager draft)."""
+        return 0.0
+
+    def expected_child_logq(self, handle: object, depth: int) -> float:
+        """The drafter's guess of the log-prob of the best child of an unexpanded ``handle`` (policies
+        rank the expansion by it before paying for it)."""
+        return 0.0
 
     def validate(self, vocab_size: int) -> None:
         """Raise ``ValueError`` if a candidate token is outside ``[0, vocab_size)`` or a log-prob is not finite."""
@@ -359,6 +385,7 @@ class StepRecord:
     expected_accepted: float = 0.0  # sum of P(v) over non-root nodes, as the surrogate predicted
     predicted_verify_s: float = 0.0  # the cost model's prediction for this tree
     drafted: bool = True  # False when the draft gate skipped the drafter this step
+    expand_draft_s: float = 0.0  # of draft_s: what a lazy draft's expansions took inside the policy's call
 
 
 @dataclass

@@ -310,6 +310,7 @@ class _Run:
                                learning.draft_seconds, learning.node_seconds)
         built = self.expand(draft, ctx)
         tree = built.tree
+        lazy_s = draft.spent_seconds  # a draft model drafts depth by depth inside the policy's call
         predicted = self.predict_cost(tree.size, past)
         t2 = clock()
         fwd = session.verify(tree)
@@ -335,12 +336,13 @@ class _Run:
             tree_depth=tree.max_depth,
             committed=len(committed),
             context_len=past,
-            draft_s=t1 - t0,
-            overhead_s=(t2 - t1) + (t4 - t3),
+            draft_s=t1 - t0 + lazy_s,
+            overhead_s=(t2 - t1 - lazy_s) + (t4 - t3),
             verify_s=t3 - t2,
             expected_accepted=sum(built.scores[1:]),
             predicted_verify_s=float(predicted),
             drafted=drafting,
+            expand_draft_s=lazy_s,
         )
         learning.end_step(record)
         self.stats.records.append(record)

@@ -51,8 +51,8 @@ class StepLearning:
 
     def end_step(self, record: StepRecord) -> None:
         """Learn from a finished step (begun by :meth:`begin_step`)."""
-        if record.drafted:
-            self.costs.observe(record.tree_size, record.draft_s, record.overhead_s)
+        if record.drafted:  # D excludes a lazy draft's expansions: the policy prices each of those itself
+            self.costs.observe(record.tree_size, record.draft_s - record.expand_draft_s, record.overhead_s)
         if self.gate is not None:
             step_s = self.clock() - self._started
             # a drafted step that verified the root alone did a plain step's work plus the draft's

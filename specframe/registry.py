@@ -36,6 +36,7 @@ DEFAULT_PLUGINS = (
     "specframe.plugins.surrogates",
     "specframe.plugins.cost_models",
     "specframe.plugins.expansion",
+    "specframe.plugins.model_drafter",
     "specframe.policies.baselines",
     "specframe.policies.bastion",
 )
