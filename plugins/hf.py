@@ -71,13 +71,19 @@ class Target:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, spec: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> "Target":
-        """Load by hub id, local directory, ``.gguf`` path, or the embedded default (``None``)."""
+        """Load by hub id, local directory, ``.gguf`` path, a known model's alias (``gemma-3-270m``), or the
+        embedded default (``None``)."""
+        from specframe.target import GEMMA_ALIASES, known_name
+
         spec = spec or DEFAULT_TARGET
         torch_dtype = _parse_dtype(dtype)
         try:
             if spec.lower() in EMBEDDED_ALIASES:
-                model, tok = _load_embedded_smollm2(torch_dtype)
-                name = "SmolLM2-135M-Instruct (embedded)"
+                model, tok = _load_converted(embedded_model_dir(), torch_dtype)
+                name = known_name(spec)
+            elif spec.lower() in GEMMA_ALIASES:
+                model, tok = _load_converted(gemma_model_dir(), torch_dtype)
+                name = known_name(spec)
             else:
                 model, tok = _load_hf(spec, torch_dtype)
                 name = spec
@@ -379,17 +385,17 @@ def _dequantized(model):
     return model
 
 
-def embedded_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a transformers model directory (config, safetensors weights,
-    tokenizer files) under :func:`cache_dir`: converted from its GGUF on the first call (about 40 s), and
-    reused after that. Any code that needs the directory calls this; none assumes it already exists."""
-    converted = cache_dir() / "smollm2-135m-instruct"
+def converted_model_dir(dirname: str, gguf_path, what: str, eta: str) -> Path:
+    """A GGUF model as a transformers model directory (config, safetensors fp32 weights, tokenizer files)
+    ``cache_dir() / dirname``: converted once from the file ``gguf_path()`` returns (called only when the
+    directory is not there yet), written under a temporary name and renamed, reused after that."""
+    converted = cache_dir() / dirname
     if (converted / "model.safetensors").is_file():
         return converted
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
-    print(f"specframe: converting the embedded GGUF once into {converted} (about 40 s)...", file=sys.stderr)
+    gguf = gguf_path()
+    print(f"specframe: converting {what} once into {converted} ({eta})...", file=sys.stderr)
     model = _dequantized(AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32))
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     converted.parent.mkdir(parents=True, exist_ok=True)
@@ -405,11 +411,25 @@ def embedded_model_dir() -> Path:
     return converted
 
 
-def _load_embedded_smollm2(dtype: torch.dtype):
-    """Load SmolLM2-135M-Instruct; the first call converts the GGUF once into a safetensors cache."""
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a transformers model directory under :func:`cache_dir`:
+    converted from its GGUF on the first call (about 40 s), and reused after that. Any code that needs the
+    directory calls this; none assumes it already exists."""
+    return converted_model_dir("smollm2-135m-instruct", embedded_gguf_path, "the embedded GGUF", "about 40 s")
+
+
+def gemma_model_dir() -> Path:
+    """Gemma-3-270m as a transformers model directory under :func:`cache_dir`, converted once from its GGUF
+    (assembled first by :func:`specframe.target.gemma_gguf_path` when needed)."""
+    from specframe.target import gemma_gguf_path
+
+    return converted_model_dir("gemma-3-270m", gemma_gguf_path, "Gemma-3-270m's GGUF", "about a minute")
+
+
+def _load_converted(converted: Path, dtype: torch.dtype):
+    """Load a model directory made by :func:`converted_model_dir` (safetensors and tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = embedded_model_dir()
     model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(converted))
     return model, tok

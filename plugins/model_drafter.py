@@ -284,15 +284,20 @@ def load_draft(spec: str, backend: str, target, registry, options: dict | None):
 
 
 def same_vocabulary(target, draft) -> bool:
-    """Whether draft token ids mean the target's: the same vocabulary size (up to padding rows) and the same
-    text for a spread of ids."""
+    """Whether draft token ids mean the target's: the same vocabulary size (up to padding rows), the same
+    text for a spread of ids, and the same tokens for a text made of them."""
     n = min(target.vocab_size, draft.vocab_size)
     if abs(target.vocab_size - draft.vocab_size) > 128 and n < max(target.vocab_size, draft.vocab_size) * 0.99:
         return False
     sample = sorted(set(np.linspace(0, n - 1, num=min(n, 257)).astype(int).tolist()))
     try:
-        return all(target.decode([i], skip_special_tokens=False) == draft.decode([i], skip_special_tokens=False)
-                   for i in sample)
+        if not all(target.decode([i], skip_special_tokens=False) == draft.decode([i], skip_special_tokens=False)
+                   for i in sample):
+            return False
+        words = [target.decode([i], skip_special_tokens=True) for i in sample]
+        probe = " ".join(w for w in words if w.isprintable() and w.strip()) or "".join(words)
+        tokenize = [getattr(m, "tokenize", None) for m in (target, draft)]
+        return None in tokenize or tokenize[0](probe) == tokenize[1](probe)
     except Exception:  # noqa: BLE001 - a decoder that cannot read the other's ids: not the same vocabulary
         return False
 
