@@ -40,7 +40,8 @@ WINDOW = 64  # draft calls the per-call cost fit remembers
 
 
 class CallCosts:
-    """Seconds of one draft call over k nodes, fitted as a + b·k over the last :data:`WINDOW` calls."""
+    """Seconds of one draft call over k nodes: a + b·k through the median time of each k seen in the last
+    :data:`WINDOW` calls (medians: one call stalled by another process does not move the line)."""
 
     def __init__(self):
         self.calls: list[tuple[int, float]] = []
@@ -48,13 +49,17 @@ class CallCosts:
 
     def observe(self, k: int, seconds: float) -> None:
         self.calls = self.calls[-WINDOW + 1:] + [(k, max(seconds, 0.0))]
-        ks = np.array([c[0] for c in self.calls], dtype=float)
-        ts = np.array([c[1] for c in self.calls], dtype=float)
-        if len(set(ks.tolist())) > 1:
-            b, a = np.polyfit(ks, ts, 1)
+        by_k: dict[int, list[float]] = {}
+        for n, t in self.calls:
+            by_k.setdefault(n, []).append(t)
+        ks = np.array(sorted(by_k), dtype=float)
+        ts = np.array([np.median(by_k[n]) for n in sorted(by_k)])
+        weights = np.sqrt([len(by_k[n]) for n in sorted(by_k)])
+        if len(ks) > 1:
+            b, a = np.polyfit(ks, ts, 1, w=weights)
             self.a, self.b = max(float(a), 0.0), max(float(b), 0.0)
         else:
-            self.a, self.b = 0.0, float(ts.mean() / ks[0])
+            self.a, self.b = 0.0, float(ts[0] / ks[0])
 
     def predict(self, k: int) -> float:
         return self.a + self.b * k if k > 0 else 0.0
@@ -141,6 +146,7 @@ class ModelDrafter(Drafter):
             spec, why = (path, "") if path else default_draft(target)
             self.draft = load_draft(spec, backend, target, registry, options)
         self.note = "; ".join(x for x in (why, getattr(self.draft, "backend_note", "")) if x)
+        self.auto_note = getattr(self.draft, "backend_note", "")  # what auto chose for the draft, for one CLI line
         self.bridge = None
         if not same_vocabulary(target, self.draft):
             from specframe.plugins.token_bridge import TokenBridge
@@ -278,7 +284,7 @@ def load_draft(spec: str, backend: str, target, registry, options: dict | None):
     opts = {**dict(getattr(load, "draft_options", {}) or {}), **dict(options or {})}
     draft = load_target(spec, name, registry=registry, device=device, options=opts)
     if why:
-        draft.backend_note = f"draft backend auto -> {name}: {why}"
+        draft.backend_note = f"draft {draft.name} on backend auto -> {name}: {why}"
         log.info("drafter model: %s", draft.backend_note)
     return draft
 

@@ -162,8 +162,12 @@ def say_auto_fallbacks(gen) -> None:
     if note:
         click.echo(f"specframe: backend auto -> {gen.target.backend}: {note}", err=True)
     why = gen.components.notes.get("drafter")
-    if why and gen.components.names["drafter"] == "ngram":
-        click.echo(f"specframe: drafter auto -> ngram: {why}", err=True)
+    chosen = gen.components.names["drafter"]
+    if why and chosen in ("ngram", "model"):
+        click.echo(f"specframe: drafter auto -> {chosen}: {why}", err=True)
+    draft_note = getattr(gen.components.drafter, "auto_note", "")  # e.g. the runtime a draft model runs on
+    if draft_note:
+        click.echo(f"specframe: {draft_note}", err=True)
 
 
 @cli.command()
@@ -226,7 +230,7 @@ class _StreamPrinter:
 
 @cli.command()
 @click.option("--policies", "methods", default="ar,chain,best-first:16,static-tree,bastion", show_default=True,
-              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the backend's peers: hf, hf-lookup (transformers) or llama-cpp, llama-cpp-lookup, llama-server, llama-server-ngram (llama.cpp).")
+              help="Comma-separated methods: POLICY[:VALUE][@DRAFTER] (e.g. best-first:32@ngram) and the backend's peers: hf, hf-lookup, hf-assisted (transformers) or llama-cpp, llama-cpp-lookup, llama-server, llama-server-ngram, llama-server-draft (llama.cpp).")
 @click.option("--dataset", default="mt-bench,humaneval", show_default=True,
               help="Comma-separated: mt-bench, mt-bench-2, humaneval, sharegpt (held-out), or .jsonl files.")
 @click.option("--num-prompts", type=int, default=10, show_default=True)
@@ -240,6 +244,10 @@ class _StreamPrinter:
 @click.option("--backend", default=None, help="As for `run` (default: auto).")
 @click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", help="As for `run`.")
 @click.option("--drafter", default=None, help="Drafter for every policy that drafts (default: each policy's own).")
+@click.option("--draft-model", default=None, metavar="SPEC",
+              help="The draft model (hub id, directory, .gguf file or alias) of the draft-model peers (hf-assisted, "
+                   "llama-server-draft) and of methods with drafter `model` (bastion@model runs as model:SPEC). "
+                   "Default: each one's own (hf-assisted: an int8 copy of the target; llama-server-draft: the target's own GGUF).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Parameter override applied to every policy that takes it.")
 @click.option("--out", "out_dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--no-plots", is_flag=True)
@@ -247,7 +255,7 @@ class _StreamPrinter:
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p, top_k, repeats, seed, target,
-          backend, backend_options, drafter, overrides, out_dir, no_plots, dtype, device):
+          backend, backend_options, drafter, draft_model, overrides, out_dir, no_plots, dtype, device):
     """Benchmark policies side by side in one process; writes results.jsonl, summary.json, report.md, plots."""
     from .tools.bench import check_methods, run_bench, split_methods
     from .components import SamplingParams
@@ -268,7 +276,7 @@ def bench(ctx, methods, dataset, num_prompts, max_new_tokens, temperature, top_p
     tgt = load_backend_target(registry, target, backend, backend_options, dtype, device)
     summary = run_bench(tgt, labels, names, out_dir, num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, repeats=repeats, seed=seed,
-                        drafter=drafter, params=params, registry=registry, plots=not no_plots)
+                        drafter=drafter, params=params, registry=registry, plots=not no_plots, draft_model=draft_model)
     click.echo((Path(out_dir) / "report.md").read_text())
     if summary["failures"]:
         click.echo(f"error: {len(summary['failures'])} failure(s); see {out_dir}/results.jsonl", err=True)
