@@ -61,7 +61,7 @@ def llamacpp_claims(spec: str | None, device: str = "cpu", dtype="float32") -> t
     return True, "a GGUF file on a CPU: llama.cpp runs it natively, several times faster than transformers fp32"
 
 
-load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
+load_llamacpp.peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram", "llama-server-draft")
 load_llamacpp.claims = llamacpp_claims
 load_llamacpp.auto_priority = 10
 load_llamacpp.draft_options = {"mode": "fast"}  # a draft model grows its trees call by call (LlamaCppSession.grow)

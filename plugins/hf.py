@@ -199,13 +199,20 @@ class Target:
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids):].tolist()
 
-    peer_names = ("hf", "hf-lookup")
+    peer_names = ("hf", "hf-lookup", "hf-assisted")
+    draft_peers = ("hf-assisted",)  # peers that take a draft model (bench's --draft-model)
 
-    def peer(self, name: str):
-        """transformers' own ``generate`` (``hf``) or its prompt-lookup assisted decoding (``hf-lookup``,
-        10 tokens), as ``run(ids, max_new_tokens, temperature, top_k, top_p, seed) -> new token ids``."""
+    def peer(self, name: str, draft=None):
+        """transformers' own ``generate`` (``hf``), its prompt-lookup assisted decoding (``hf-lookup``,
+        10 tokens) or its assisted generation with the draft model ``draft`` (``hf-assisted``; None: an int8
+        copy of the target; plugins/hf_assisted.py), as ``run(ids, max_new_tokens, temperature, top_k, top_p,
+        seed) -> new token ids``."""
         if name not in self.peer_names:
             raise SpecframeError(f"unknown transformers peer '{name}'; known: {', '.join(self.peer_names)}")
+        if name == "hf-assisted":
+            from specframe.plugins.hf_assisted import assisted_peer
+
+            return assisted_peer(self, draft)
         lookup = 10 if name == "hf-lookup" else None
 
         def run(ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None):

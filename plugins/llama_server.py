@@ -1,5 +1,5 @@
-"""llama.cpp's own ``llama-server`` as a peer of ``specframe bench`` (peers ``llama-server`` and
-``llama-server-ngram`` of the llama.cpp backend).
+"""llama.cpp's own ``llama-server`` as a peer of ``specframe bench`` (peers ``llama-server``,
+``llama-server-ngram`` and ``llama-server-draft`` of the llama.cpp backend).
 
 The binary is built once by ``bash scripts/build_llama_server.sh`` from the llama.cpp that the installed
 llama-cpp-python vendors (same kernels as the backend) into
@@ -37,6 +37,14 @@ on for every speculation but ``ngram-simple``, which only reads the request's ow
 ≈ 0.3 s for SmolLM2-135M on 1 thread (model load ≈ 0.25 s, warm-up ≈ 0.03 s). ``specframe bench`` has it
 done by ``run.prepare()`` before it starts the clock; a ``run`` that still needs one does it first and
 reports it as ``last_timings["restart_ms"]``.
+
+Draft model (``llama-server-draft``): ``--spec-type draft-simple -md DRAFT.gguf`` (this llama.cpp's names:
+``-md`` is ``--spec-draft-model``; ``draft-simple`` is the type of a plain draft model, beside
+``draft-eagle3``/``draft-mtp``/``draft-dflash``/``draft-dspark``), with llama.cpp's own draft settings
+(``--spec-draft-n-max 3``, ``--spec-draft-n-min 0``, ``--spec-draft-p-min 0.0``; the draft runs on the
+same ``-t``/``-tb`` threads and context), what a user of the server gets from ``-md`` alone. The draft
+model keeps a KV cache of its own that a later request could reuse, so this peer too gets a fresh server
+per request (outside bench's clock).
 """
 
 from __future__ import annotations
@@ -58,12 +66,15 @@ from specframe.target import cache_dir
 
 BUILD_HINT = "run `bash scripts/build_llama_server.sh`"
 NGRAM_SPEC = "ngram-mod"  # the --spec-type of peer llama-server-ngram
+DRAFT_SPEC = "draft-simple"  # the --spec-type of peer llama-server-draft (with -md DRAFT.gguf)
 # --spec-type -> its settings (llama.cpp's docs/speculative.md)
 SPEC_ARGS: dict[str, list[str]] = {
     "ngram-mod": ["--spec-ngram-mod-n-match", "24", "--spec-ngram-mod-n-min", "48", "--spec-ngram-mod-n-max", "64"],
     "ngram-simple": [],
     "ngram-map-k": [],
+    DRAFT_SPEC: [],  # with -md: llama.cpp's own draft defaults
 }
+DRAFT_MODEL_SPECS = (DRAFT_SPEC,)  # the speculation types that read a draft model (-md)
 # Speculation whose state outlives a request (ngram-mod's shared hash pool, ngram-map-k's per-key
 # statistics) gets a fresh server per request; ngram-simple only reads the current request's tokens.
 STATELESS_SPEC = (None, "ngram-simple")
@@ -103,10 +114,18 @@ class LlamaServerPeer:
     exit and when used as a context manager)."""
 
     def __init__(self, gguf_path: str | Path, threads: int, n_ctx: int, spec: str | None = None,
-                 flash_attn: bool = True, *, fresh_per_request: bool | None = None, binary: str | Path | None = None,
+                 flash_attn: bool = True, *, draft_model: str | Path | None = None, note: str = "",
+                 fresh_per_request: bool | None = None, binary: str | Path | None = None,
                  ready_timeout_s: float = READY_TIMEOUT_S):
         if spec is not None and spec not in SPEC_ARGS:
             raise SpecframeError(f"unknown llama-server speculation '{spec}'; known: {', '.join(SPEC_ARGS)}")
+        if (spec in DRAFT_MODEL_SPECS) != (draft_model is not None):
+            why = "needs a draft model (-md DRAFT.gguf)" if draft_model is None else f"takes no draft model; use {DRAFT_SPEC}"
+            raise SpecframeError(f"llama-server speculation '{spec}' {why}")
+        self.draft_model = Path(draft_model) if draft_model is not None else None
+        if self.draft_model is not None and not self.draft_model.is_file():
+            raise SpecframeError(f"llama-server draft model not found: {self.draft_model}")
+        self.note = note  # said after the settings in :meth:`description` (e.g. that the draft is the target itself)
         self.binary = Path(binary) if binary is not None else server_binary()
         self.gguf_path, self.threads, self.n_ctx, self.spec = Path(gguf_path), int(threads), int(n_ctx), spec
         self.flash_attn = bool(flash_attn)
@@ -128,7 +147,19 @@ class LlamaServerPeer:
                "--cache-ram", "0", "--no-webui", "--log-colors", "off"]
         if self.spec is not None:
             cmd += ["--spec-type", self.spec, *SPEC_ARGS[self.spec]]
+        if self.draft_model is not None:
+            cmd += ["-md", str(self.draft_model)]
         return cmd
+
+    def description(self) -> str:
+        """What this server runs, in words (bench's report notes it for draft-model peers)."""
+        what = f"llama-server on {self.gguf_path.name}"
+        if self.spec is not None:
+            what += f", --spec-type {self.spec} {' '.join(SPEC_ARGS[self.spec])}".rstrip()
+        if self.draft_model is not None:
+            what += (f"; draft: {self.draft_model} (-md; llama.cpp's draft defaults: --spec-draft-n-max 3, "
+                     f"--spec-draft-p-min 0.0)")
+        return what + (f"; {self.note}" if self.note else "")
 
     def _start(self) -> None:
         self.port = _free_port()
@@ -276,4 +307,6 @@ class LlamaServerPeer:
             return self.run(ids, max_new_tokens, temperature, top_k, top_p, seed)
 
         run.last_timings, run.close, run.peer, run.prepare = self.last_timings, self.close, self, self.prepare
+        if self.draft_model is not None:  # bench notes what a draft-model peer drafts with
+            run.description = self.description()
         return run

@@ -428,24 +428,33 @@ class LlamaCppTarget:
                 self.runtime.lib.llama_synchronize(ctx.ctx)
 
     # ------------------------------------------------------------------ peers for ``specframe bench``
-    peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram")
+    peer_names = ("llama-cpp", "llama-cpp-lookup", "llama-server", "llama-server-ngram", "llama-server-draft")
     baseline_peers = ("llama-cpp", "llama-server")  # plain decoding, the speedups' other baselines in bench
+    draft_peers = ("llama-server-draft",)  # peers that take a draft model (bench's --draft-model)
 
-    def peer(self, name: str):
+    def peer(self, name: str, draft: str | None = None):
         """llama-cpp-python's own generation loop on the same GGUF file, threads and attention settings:
         ``llama-cpp`` (plain) or ``llama-cpp-lookup`` (its ``LlamaPromptLookupDecoding``, 10 tokens); or
-        llama.cpp's own server: ``llama-server`` (plain) or ``llama-server-ngram`` (its n-gram speculation;
-        plugins/llama_server.py, whose ``run`` also has ``run.last_timings``, the server's timings).
+        llama.cpp's own server: ``llama-server`` (plain), ``llama-server-ngram`` (its n-gram speculation) or
+        ``llama-server-draft`` (its draft-model speculation with the GGUF that ``draft`` names; None: this
+        target's own file, self-drafting; plugins/llama_server.py, whose ``run`` also has
+        ``run.last_timings``, the server's timings).
         Returns ``run(ids, max_new_tokens, temperature, top_k, top_p, seed) -> new token ids``, stopping
         after an end-of-generation token like specframe."""
         if name not in self.peer_names:
             raise SpecframeError(f"unknown llama.cpp peer '{name}'; known: {', '.join(self.peer_names)}")
         if name.startswith("llama-server"):
-            from specframe.plugins.llama_server import NGRAM_SPEC, LlamaServerPeer
+            from specframe.plugins.llama_server import DRAFT_SPEC, NGRAM_SPEC, LlamaServerPeer
 
-            spec = NGRAM_SPEC if name == "llama-server-ngram" else None
+            spec = {"llama-server-ngram": NGRAM_SPEC, "llama-server-draft": DRAFT_SPEC}.get(name)
+            draft_path, note = None, ""
+            if name == "llama-server-draft":
+                draft_path = self.path if draft is None else resolve_gguf(draft)
+                if draft_path.resolve() == self.path.resolve():
+                    note = ("self-drafting: the draft is the target's own GGUF file (legal, but a draft as slow as "
+                            "the target cannot speed it up; give a smaller draft with --draft-model)")
             return LlamaServerPeer(self.path, self.threads, min(self.max_context, 4096), spec=spec,
-                                   flash_attn=self.flash_attn).runner()
+                                   flash_attn=self.flash_attn, draft_model=draft_path, note=note).runner()
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

@@ -3,13 +3,17 @@
 The model (and drafters) load once; after a warm-up, every prompt runs each method in turn (A B C A B C…)
 so machine drift hits all alike. Besides specframe's policies a run holds the target backend's *peers*:
 the runtime's own generation loops (``hf``/``hf-lookup`` for transformers, ``llama-cpp``/``llama-cpp-lookup``
-for llama.cpp), from the target's ``peer_names`` and ``peer(name)``. Greedy runs check that every method's
+for llama.cpp), from the target's ``peer_names`` and ``peer(name)``. The draft-model peers (the target's
+``draft_peers``: ``hf-assisted``, ``llama-server-draft``) get ``--draft-model`` as ``peer(name, draft=SPEC)``
+(methods with drafter ``model`` get it as ``model:SPEC``), and the report's notes say what each of them
+drafted with (a peer's ``run.description``). Greedy runs check that every method's
 output equals that backend's own ``ar`` token for token and count any difference as a failure. Outputs: ``results.jsonl`` (one row per prompt × method ×
 repeat), ``summary.json``, ``report.md`` and PNG plots.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -32,6 +36,7 @@ class Method:
     label: str
     generator: SpecGenerator | None = None  # None for a peer
     run: Callable | None = None  # a peer's run(ids, max_new_tokens, temperature, top_k, top_p, seed)
+    note: str | None = None  # what a draft-model peer (or a method with drafter `model`) drafts with
 
     @property
     def peer(self) -> bool:
@@ -83,8 +88,28 @@ def check_methods(labels: list[str], registry: Registry) -> None:
                 registry.get("drafter", drafter.partition(":")[0])
 
 
-def build_methods(labels: list[str], target, registry: Registry, drafter=None, params=None) -> list[Method]:
-    methods = []
+def peer_takes_draft(target, name: str) -> bool:
+    """Whether ``target.peer(name, draft=...)`` takes a draft model: ``name`` is one of the target's
+    ``draft_peers`` where it declares them, else its ``peer`` has a ``draft`` parameter."""
+    declared = getattr(target, "draft_peers", None)
+    if declared is not None:
+        return name in declared
+    try:
+        return "draft" in inspect.signature(target.peer).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def with_draft_model(drafter, draft_model: str | None):
+    """Drafter ``model`` (no spec of its own) becomes ``model:SPEC`` with ``--draft-model SPEC``."""
+    if draft_model and isinstance(drafter, str) and drafter == "model":
+        return f"model:{draft_model}"
+    return drafter
+
+
+def build_methods(labels: list[str], target, registry: Registry, drafter=None, params=None,
+                  draft_model: str | None = None) -> list[Method]:
+    methods, uses_draft = [], False
     own, peers = peers_of(target), known_peers(registry)
     for label in labels:
         if label in peers or label in own:
@@ -92,14 +117,26 @@ def build_methods(labels: list[str], target, registry: Registry, drafter=None, p
                 backend = getattr(target, "backend", "?")
                 raise SpecframeError(f"peer '{label}' does not run on backend '{backend}'; its peers: "
                                      f"{', '.join(own) or '(none)'} (choose the backend with --backend)")
-            methods.append(Method(label, run=target.peer(label)))
+            takes = peer_takes_draft(target, label)
+            uses_draft |= takes
+            run = target.peer(label, draft=draft_model) if takes else target.peer(label)
+            methods.append(Method(label, run=run, note=getattr(run, "description", None)))
         else:
             policy, _, own_drafter = label.partition("@")
             if policy == "ar":  # the baseline stays plain: no drafter, no overrides
                 methods.append(Method(label, SpecGenerator(target, "ar", registry=registry)))
                 continue
-            methods.append(Method(label, SpecGenerator(target, policy, drafter=own_drafter or drafter, params=params,
-                                                       registry=registry, strict_params=False)))
+            chosen = with_draft_model(own_drafter or drafter, draft_model)
+            gen = SpecGenerator(target, policy, drafter=chosen, params=params, registry=registry, strict_params=False)
+            note = None
+            if str(gen.components.names.get("drafter", "")).partition(":")[0] == "model":
+                uses_draft = True
+                note = gen.described.get("details", {}).get("drafter") or f"drafter {chosen}"
+            methods.append(Method(label, gen, note=note))
+    if draft_model and not uses_draft:
+        raise SpecframeError(f"--draft-model {draft_model} is used by the draft-model peers "
+                             f"({', '.join(getattr(target, 'draft_peers', ())) or 'none on this backend'}) and by "
+                             f"methods with drafter 'model' (e.g. bastion@model); none of the methods given uses it")
     if "ar" not in labels:
         methods.insert(0, Method("ar", SpecGenerator(target, "ar", registry=registry)))
     return methods
@@ -168,14 +205,17 @@ def run_one(method: Method, target, prompt: datasets.Prompt, max_new: int, sampl
 def run_bench(target, labels: list[str], dataset_names: list[str], out_dir: str | Path, *,
               num_prompts: int = 10, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, repeats: int = 1, seed: int = 0, drafter=None, params=None,
-              registry: Registry | None = None, progress: bool = True, plots: bool = True) -> dict:
+              registry: Registry | None = None, progress: bool = True, plots: bool = True,
+              draft_model: str | None = None) -> dict:
+    """``draft_model``: the draft of the draft-model peers and of methods with drafter ``model`` (a model
+    spec, as for a target; see :func:`build_methods`)."""
     if num_prompts <= 0 or max_new_tokens <= 0 or repeats <= 0:
         raise SpecframeError("--num-prompts, --max-new-tokens and --repeats must be positive")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     registry = registry or Registry()
     check_methods(labels, registry)
     prompts = [p for name in dataset_names for p in datasets.load(name, num_prompts)]
-    methods = build_methods(labels, target, registry, drafter, params)
+    methods = build_methods(labels, target, registry, drafter, params, draft_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -212,7 +252,8 @@ def run_bench(target, labels: list[str], dataset_names: list[str], out_dir: str 
     summary["backend"] = getattr(target, "backend", "hf")
     summary["settings"] = {"datasets": dataset_names, "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repeats": repeats,
-                           "drafter": drafter, "params": params or {}}
+                           "drafter": drafter, "draft_model": draft_model, "params": params or {}}
+    summary["notes"] = {m.label: m.note for m in methods if m.note}  # what each draft-model method drafts with
     summary["components"] = {m.label: dict(m.generator.components.names) for m in methods if not m.peer}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     figures = make_plots(rows, summary, out) if plots else []
@@ -380,6 +421,12 @@ def render_report(summary: dict, figures: list[str]) -> str:
                   "| ms | " + " | ".join(f"{c['ms']:.1f}" for c in curve.values()) + " |",
                   "| T(n)/T(1) | " + " | ".join(f"{c['ratio']:.2f}" if c["ratio"] else "–" for c in curve.values()) + " |",
                   "| steps | " + " | ".join(str(c["samples"]) for c in curve.values()) + " |", ""]
+    notes = summary.get("notes") or {}
+    if notes:
+        lines += ["## Notes", "", "What the draft-model methods drafted with"
+                  + (f" (--draft-model {s['draft_model']})" if s.get("draft_model") else "") + ":", ""]
+        lines += [f"- {lab}: {note}" for lab, note in notes.items()]
+        lines.append("")
     fails = summary["failures"]
     lines += ["## Failures", "", f"{len(fails)} failure(s)." if fails else "None: every greedy output matched `ar` token for token." if summary["greedy"] else "None.", ""]
     lines += [f"- {f['dataset']} {f['prompt_id']} {f['method']}: {f['error']}" for f in fails[:50]]
