@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -74,10 +73,10 @@ def int8_run(target):
 
 
 @pytest.fixture(scope="module")
-def draft_dir():
+def draft_dir(tmp_path_factory):
     """A second tiny model (other weights, the target's vocabulary) saved with a real tokenizer that reads
     and writes text as the tests' TinyTokenizer does (ids as numerals)."""
-    path = tempfile.mkdtemp(prefix="specframe-draft-")
+    path = str(tmp_path_factory.mktemp("draft"))
     make_tiny_model("llama", 96, seed=1).save_pretrained(path)
     word_tokenizer(NUMERALS, unk="0").save_pretrained(path)
     return path
@@ -228,10 +227,10 @@ def server_binary_or_skip():
 
 
 @pytest.fixture(scope="module")
-def ggufs():
+def ggufs(tmp_path_factory):
     from tiny_gguf import tiny_gguf
 
-    directory = tempfile.mkdtemp(prefix="specframe-draft-gguf-")
+    directory = str(tmp_path_factory.mktemp("draft-gguf"))
     return tiny_gguf(directory, 0), tiny_gguf(directory, 1)
 
 
