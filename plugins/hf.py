@@ -95,7 +95,11 @@ class Target:
                 f"could not load target '{spec}': {first} (give a local model directory, a .gguf file, "
                 f"a reachable hub id, or '{DEFAULT_TARGET}' for the embedded default)"
             ) from err
-        return cls(model.to(device), tok, name)
+        target = cls(model.to(device), tok, name)
+        from specframe.target import known_model
+
+        target.model_alias = known_model(spec)  # a known model: the drafter 'model' drafts with its GGUF
+        return target
 
     def settings(self) -> dict:
         """What this backend runs with, for ``--json`` (``components.backend.settings``)."""
@@ -121,6 +125,12 @@ class Target:
             ]
             return self.encode_messages(messages)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it is: no special tokens added (special-token text is read as such)."""
+        if self.tokenizer is None:
+            raise SpecframeError(f"target '{self.name}' has no tokenizer")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         if not self.has_chat_template:
@@ -290,6 +300,15 @@ class TargetSession:
         self._check_room(tree.size, tree.max_depth)
         mask = tree_attention_mask(tree, self.past, self.target.dtype)
         return self._run(tree.tokens, self.past + tree.depths, mask)
+
+    @torch.inference_mode()
+    def grow(self, tree: Tree, start: int) -> ForwardOut:
+        """Logits of nodes ``start..`` of ``tree`` whose nodes before ``start`` are in the cache already,
+        from the last :meth:`verify` / :meth:`grow` of the same tree (a draft model drafting depth by depth
+        verifies its own frontier this way). :meth:`keep` and :meth:`rollback` then treat the whole tree."""
+        self._check_room(tree.size, tree.max_depth)
+        mask = tree_attention_mask(tree, self.past, self.target.dtype)[:, :, start:, :].contiguous()
+        return self._run(tree.tokens[start:], self.past + tree.depths[start:], mask)
 
     def rollback(self, n: int) -> None:
         """Forget the last ``n`` rows added by :meth:`verify` (e.g. after a timing probe)."""

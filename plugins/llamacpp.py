@@ -321,6 +321,11 @@ class LlamaCppTarget:
             raise SpecframeError(f"rows must be in 1..{EXACT_ROWS if mode == 'exact' else N_BATCH} in mode {mode}, got {self.rows}")
         self.capabilities = Capabilities(tree_attention=True, features=True, max_tree_tokens=MAX_SEQ,
                                          free_features=False, feature_note=FEATURE_NOTE)
+        self.rows_note = ""
+        if mode == "exact" and rows is None and not self._rows_are_exact():
+            self.rows = 1
+            self.rows_note = ("multi-row decodes of this model differ from one-row decodes in their last bits "
+                              "(checked at load), so exact mode decodes one row per call")
         self.eos_token_ids = tuple(t for t in range(self.vocab_size) if lib.llama_vocab_is_eog(self.vocab, t))
         self.chat_template = self._meta("tokenizer.chat_template") or None
         self.shape = self._shape()
@@ -330,12 +335,31 @@ class LlamaCppTarget:
         self._weights: dict[str, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return f"llama.cpp:{self.path} (mode {self.mode}, {self.threads} threads, {self.rows} rows per verification call)"
+        why = f": {self.rows_note}" if self.rows_note else ""
+        return f"llama.cpp:{self.path} (mode {self.mode}, {self.threads} threads, {self.rows} rows per verification call{why})"
+
+    def _rows_are_exact(self) -> bool:
+        """Whether a call of :data:`EXACT_ROWS` rows gives logits bit-identical to one-row calls for this
+        model. It does for the embedded Q4_1 file; it does not for every quantisation (Gemma-3-270m's
+        Q4_K_M: its multi-row matrix kernels round differently), and exact mode's promise rests on it."""
+        ctx = _Context(self, ())
+        try:
+            toks = [(37 * i + 11) % self.vocab_size for i in range(EXACT_ROWS)]
+            pos, seqs, flags = list(range(EXACT_ROWS)), [[0]] * EXACT_ROWS, [True] * EXACT_ROWS
+            batched, _ = ctx.decode(toks, pos, seqs, flags, EXACT_ROWS)
+            ctx.clear()
+            single, _ = ctx.decode(toks, pos, seqs, flags, 1)
+            return bool(np.array_equal(batched, single))
+        finally:
+            ctx.close()
 
     def settings(self) -> dict:
         """What this backend runs with, for ``--json`` (``components.backend.settings``)."""
-        return {"model": self.name, "file": str(self.path), "mode": self.mode, "threads": self.threads,
-                "n_ctx": self.max_context, "rows": self.rows, "flash_attn": self.flash_attn}
+        out = {"model": self.name, "file": str(self.path), "mode": self.mode, "threads": self.threads,
+               "n_ctx": self.max_context, "rows": self.rows, "flash_attn": self.flash_attn}
+        if self.rows_note:
+            out["rows_note"] = self.rows_note
+        return out
 
     # ------------------------------------------------------------------ model facts
     def _meta(self, key: str) -> str:

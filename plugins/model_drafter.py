@@ -319,11 +319,13 @@ def check_context(target, draft) -> None:
 
 
 def availability(target) -> tuple[bool, str]:
-    """``auto`` drafts with a draft model where a cheaper copy of the target is known and its runtime is there."""
+    """``auto`` drafts with a draft model where a cheaper copy of the target is known and its runtime is there
+    (elsewhere it refuses without a word: most targets have no known draft, and ``auto`` then explains the
+    drafter it would otherwise have chosen)."""
     try:
         spec, why = default_draft(target)
     except SpecframeError:
-        return False, "no draft model is known for this target (name one with --drafter model:SPEC)"
+        return False, ""
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -332,7 +334,7 @@ def availability(target) -> tuple[bool, str]:
 
 
 ModelDrafter.availability = staticmethod(availability)
-ModelDrafter.auto_priority = 20
+ModelDrafter.auto_priority = 30  # above hybrid (20): a model of the same weights drafts far better than prompt lookup or a small head
 
 
 @hookimpl

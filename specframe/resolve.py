@@ -155,7 +155,7 @@ def choose_drafter(registry: Registry, target, composite: bool = False) -> tuple
         ok, reason = verdict
         if ok:
             best, best_priority, why = name, priority, reason
-        else:
+        elif reason:  # a drafter that refuses without a reason has nothing to say about this target
             refused.append((priority, name, reason))
     if best == "ngram" and not why:
         if refused:

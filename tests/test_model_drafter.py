@@ -380,8 +380,8 @@ def test_run_drafts_with_a_gguf_model_on_llamacpp_from_the_cli(tmp_path):
             "--no-chat", "--prompt", "abc abc abc", "-n", "12", "--json"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index("{"):])
+    out = json.loads(res.stdout)
     assert out["components"]["names"]["drafter"] == f"model:{draft}"
     assert "on llama.cpp (same tokenizer" in out["components"]["details"]["drafter"]
     plain = CliRunner().invoke(cli, args[:5] + ["--policy", "ar"] + args[9:])
-    assert json.loads(plain.output[plain.output.index("{"):])["token_ids"] == out["token_ids"]
+    assert json.loads(plain.stdout)["token_ids"] == out["token_ids"]
