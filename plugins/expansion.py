@@ -45,7 +45,7 @@ class Chain(ExpansionPolicy):
             kids = draft.children(handle, depth)
             if not kids:
                 break
-            p = ctx.score(p, depth + 1, kids[0])
+            p = ctx.score(p, depth + 1, kids[0]._replace(rank=0))
             node, handle = out.add(node, kids[0], p), kids[0].handle
         return out.build()
 
@@ -72,10 +72,10 @@ class StaticTree(ExpansionPolicy):
                 draft.expand([h for _, h, _ in frontier if not draft.expanded(h)], depth)
             nxt = []
             for node, handle, p in frontier:
-                for cand in draft.children(handle, depth)[:width]:
+                for rank, cand in enumerate(draft.children(handle, depth)[:width]):
                     if len(out) > ctx.max_nodes:
                         return out.build()
-                    score = ctx.score(p, depth + 1, cand)
+                    score = ctx.score(p, depth + 1, cand._replace(rank=rank))
                     nxt.append((out.add(node, cand, score), cand.handle, score))
             frontier = nxt
         return out.build()
@@ -105,10 +105,11 @@ class Frontier:
         if depth >= self.max_depth:
             return
         if self.lazy and not eager and not self.draft.expanded(handle):
-            guess = Candidate(-1, self.draft.expected_child_logq(handle, depth), None)
+            guess = Candidate(-1, self.draft.expected_child_logq(handle, depth), None, rank=0)
             heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, guess), self.tie, node, depth, handle, p, True))
         else:
-            for cand in self.draft.children(handle, depth):
+            for rank, cand in enumerate(self.draft.children(handle, depth)):
+                cand = cand._replace(rank=rank)
                 heapq.heappush(self.heap, (-self.ctx.score(p, depth + 1, cand), self.tie, node, depth + 1, cand, 0.0, False))
                 self.tie += 1
         self.tie += 1

@@ -135,7 +135,7 @@ class ModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, target, registry=None, clock=real_clock, path: str | None = None, backend: str = AUTO,
-                 top_k: int = 4, max_depth: int = 16, options: dict | None = None, model=None):
+                 top_k: int = 4, max_depth: int = 32, options: dict | None = None, model=None):
         if not isinstance(top_k, int) or top_k <= 0 or not isinstance(max_depth, int) or max_depth <= 0:
             raise SpecframeError(f"drafter 'model': top_k and max_depth must be positive integers, got {top_k}, {max_depth}")
         self.target, self.clock = target, clock

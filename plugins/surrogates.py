@@ -34,7 +34,17 @@ class PathConfidence(AcceptanceSurrogate):
 
 
 class Calibrated(AcceptanceSurrogate):
-    """P(child) = P(parent) · r(source, depth, bin(q)), r = online acceptance rate given the parent."""
+    """P(child) = P(parent) · r(source, depth, first, bin(q)), r = online acceptance rate given the parent.
+
+    ``first``: whether the node is its parent's best-ranked child. A drafter's first choice and its others
+    are accepted at very different rates at the same q (a 4-bit copy of the target is right about its top
+    token far more often than its probability says; its runners-up are rarely right), so each has its
+    own table, and a candidate whose rank is not known uses the table of both.
+
+    Tables are shrunk hierarchically: a depth's table starts from (its prior is) the table of every depth
+    together, which starts from the bin centres (q itself). A depth that few trees reach thus borrows what
+    the shallower ones measured instead of assuming q — a deep chain of a drafter that is right more often
+    than its q says is not cut short for want of observations at that depth."""
 
     name = "calibrated"
 
@@ -56,16 +66,19 @@ class Calibrated(AcceptanceSurrogate):
     def _bin(self, q: float) -> int:
         return min(bisect_right(self._edges, q) - 1, self.bins - 1)
 
-    def rate(self, source: int, depth: int, q: float) -> float:
-        """The calibrated conditional acceptance probability of a node with draft probability q."""
+    def rate(self, source: int, depth: int, q: float, first: bool | None = None) -> float:
+        """The calibrated conditional acceptance probability of a node with draft probability q (``first``:
+        whether it is its parent's best-ranked child; None: not known)."""
         for d in range(min(depth, self.max_depth), 0, -1):  # unseen depth: borrow the nearest shallower one
-            table = self.rates.get((source, d))
+            table = self.rates.get((source, d, first)) if first is not None else None
+            table = table if table is not None else self.rates.get((source, d))
             if table is not None:
                 return table[self._bin(q)]
         return q
 
     def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
-        return parent_p * self.rate(cand.source, depth, math.exp(cand.logq))
+        rank = getattr(cand, "rank", -1)
+        return parent_p * self.rate(cand.source, depth, math.exp(cand.logq), None if rank < 0 else rank == 0)
 
     def observe(self, tree: Tree, accepted: list[int], scores: list[float]) -> None:
         if tree.size <= 1:
@@ -75,24 +88,36 @@ class Calibrated(AcceptanceSurrogate):
         depths = tree.depth_list
         q = [math.exp(x) for x in tree.logq_list]
         sources = tree.source_list or [0] * tree.size
+        best: dict[int, int] = {}  # parent -> its child of highest q in the tree (its best-ranked child)
+        for i in range(1, tree.size):
+            if parents[i] in on_path and (parents[i] not in best or q[i] > q[best[parents[i]]]):
+                best[parents[i]] = i
         touched = set()
         for i in range(1, tree.size):
             if parents[i] not in on_path:
                 continue  # its parent was rejected: says nothing about this node
-            key = (sources[i], min(depths[i], self.max_depth))
-            if key not in self.counts:
-                self.counts[key] = np.zeros(self.bins)
-                self.hits[key] = np.zeros(self.bins)
-            if key not in touched:
-                self.counts[key] *= self.decay
-                self.hits[key] *= self.decay
-                touched.add(key)
+            d = min(depths[i], self.max_depth)
             b = self._bin(q[i])
-            self.counts[key][b] += 1.0
-            self.hits[key][b] += 1.0 if i in on_path else 0.0
-        for key in touched:
-            post = (self.hits[key] + self.prior * self.centres) / (self.counts[key] + self.prior)
-            self.rates[key] = np.clip(isotonic(post, self.counts[key] + self.prior), 0.0, 1.0).tolist()
+            first = best[parents[i]] == i
+            for key in ((sources[i], d), (sources[i], d, first), (sources[i], 0), (sources[i], 0, first)):
+                if key not in self.counts:
+                    self.counts[key] = np.zeros(self.bins)
+                    self.hits[key] = np.zeros(self.bins)
+                if key not in touched:
+                    self.counts[key] *= self.decay
+                    self.hits[key] *= self.decay
+                    touched.add(key)
+                self.counts[key][b] += 1.0
+                self.hits[key][b] += 1.0 if i in on_path else 0.0
+        pooled = {}
+        for key in sorted(touched, key=lambda k: k[1] != 0):  # every depth together (depth 0) first
+            base = self.centres if key[1] == 0 else pooled[(key[0], 0) + key[2:]]
+            post = (self.hits[key] + self.prior * base) / (self.counts[key] + self.prior)
+            fitted = np.clip(isotonic(post, self.counts[key] + self.prior), 0.0, 1.0)
+            if key[1] == 0:
+                pooled[key] = fitted
+            else:
+                self.rates[key] = fitted.tolist()
 
 
 @hookimpl

@@ -31,6 +31,7 @@ class Candidate(NamedTuple):
     logq: float
     handle: object
     source: int = 0
+    rank: int = -1  # its place among its siblings, best first (set by the expansion policy; -1: not known)
 
 
 class Draft:
