@@ -162,6 +162,8 @@ class ModelDrafter(Drafter):
 
     def describe(self) -> str:
         how = "through text (other tokenizer)" if self.bridge else "same tokenizer"
+        if not self.grows:
+            how += "; its backend cannot grow a tree, so each depth re-verifies the whole tree"
         return (f"model:{self.draft.name} on {getattr(self.draft, 'backend', '?')} ({how}; top_k {self.top_k}, "
                 f"max_depth {self.max_depth})" + (f" — {self.note}" if self.note else ""))
 

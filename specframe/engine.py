@@ -161,10 +161,13 @@ class SpecGenerator:
             raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         ids = self.prepare_prompt(prompt, chat)
-        limit = self.target.max_context
+        limit, what = self.target.max_context, "the context"
+        window = getattr(self.target, "sliding_window", None)  # a backend that cannot go past its window
+        if window is not None and window < limit:  # the cache holds window - 1; the last token is never cached
+            limit, what = window, f"what specframe can run of a model with sliding-window layers (window {window})"
         if len(ids) + max_new_tokens > limit:
             raise SpecframeError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
                 f"target '{self.target.name}' ({limit} tokens); shorten the prompt or lower max_new_tokens"
             )
         verifier_name, verifier = self.verifier_for(sampling)

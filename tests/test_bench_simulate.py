@@ -340,3 +340,26 @@ def test_peer_divergences_are_reported_not_failures_and_server_timings_summarise
     report = (tmp_path / "b" / "report.md").read_text()
     assert "- odd: 4 run(s); first difference at token 3 (toy toy-0)" in report
     assert "served 100.0 tokens/s (its drafts accepted 40%)" in report
+
+
+def test_a_peer_that_raises_is_its_rows_error_and_the_report_splits_draft_and_verify_time(target, dataset, tmp_path):
+    """Another program failing (e.g. transformers' assisted generation on some prompts) is that peer's row
+    error, named, and the run goes on; the report gives each method's draft and verify ms per step."""
+
+    def peer(name):
+        def run(ids, n, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+            raise RuntimeError("cannot reshape tensor of 0 elements\nmore lines")
+
+        return run
+
+    registry = Registry(make_plugin_set(extra=[_OddPeerBackend()]))
+    odd = Target(target.model, target.tokenizer, "tiny")
+    odd.peer_names, odd.peer = ("odd", "served"), peer
+    summary = run_bench(odd, ["ar", "odd", "best-first:4@ngram"], [dataset], tmp_path / "b", num_prompts=2,
+                        max_new_tokens=8, progress=False, plots=False, registry=registry)
+    errors = {f["error"] for f in summary["failures"] if f["method"] == "odd"}
+    assert errors == {"peer 'odd' failed: RuntimeError: cannot reshape tensor of 0 elements"}
+    entry = summary["datasets"]["toy"]["best-first:4@ngram"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert f"| {entry['draft_ms']:.1f} / {entry['verify_ms']:.1f} |" in report
+    assert "| draft / verify ms per step |" in report

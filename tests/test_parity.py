@@ -519,18 +519,21 @@ def test_sliding_window_models_inside_the_window(request, arch, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("arch", sorted(SLIDING_ARCHS))
-def test_sliding_window_models_past_the_window_fail_loudly_after_exact_tokens(arch, policy):
-    """10 prompt + 30 new tokens do not fit a window of 24, and specframe cannot compact a sliding cache:
-    every policy streams exactly the tokens that fit (the cache holds window − 1 = 23 tokens, the last
-    committed token is not cached yet: 24 − 10 = 14 tokens), all equal to plain greedy, then raises
-    UnsupportedModelError naming the window — never a wrong token, never a silent stop."""
+def test_sliding_window_models_past_the_window_fail_loudly_before_any_token(arch, policy):
+    """10 prompt + 30 new tokens do not fit a window of 24, and specframe cannot compact a sliding cache
+    (it holds window − 1 = 23 tokens; the last committed token is never cached, so 24 − 10 = 14 new tokens
+    fit): every policy refuses up front in one line naming the window, before streaming anything; 14 new
+    tokens run, all equal to plain greedy — never a wrong token, never a silent stop."""
     target = new_target(arch, VOCAB)
     truth = plain_greedy(make_tiny_model(arch, VOCAB), PROMPT, 30)
     gen = SpecGenerator(target, policy, drafter=RandomTrieDrafter(truth, 4))
     streamed: list[int] = []
-    with pytest.raises(UnsupportedModelError, match=r"sliding-window layers \(window 24\).*past 23 tokens"):
+    with pytest.raises(SpecframeError, match=r"^prompt \(10 tokens\) \+ max_new_tokens \(30\) exceeds what specframe can "
+                                             r"run of a model with sliding-window layers \(window 24\) of target .* \(24 tokens\)"):
         gen.generate(PROMPT, 30, stream=streamed.extend)
-    assert streamed == truth[: 24 - len(PROMPT)]
+    assert streamed == []
+    fits = 24 - len(PROMPT)
+    assert gen.generate(PROMPT, fits, stream=streamed.extend).token_ids == truth[:fits] == streamed
 
 
 # ============================================================================================ EOS / length

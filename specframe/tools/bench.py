@@ -173,7 +173,13 @@ def run_one(method: Method, target, prompt: datasets.Prompt, max_new: int, sampl
         if callable(prepare):
             prepare()
         start = time.perf_counter()
-        out = method.run(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
+        try:
+            out = method.run(ids, max_new, sampling.temperature, sampling.top_k, sampling.top_p, seed)
+        except SpecframeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - another program's failure is its row's error, not the run's end
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise SpecframeError(f"peer '{method.label}' failed: {type(err).__name__}: {first}") from err
         wall = time.perf_counter() - start
         row = {"token_ids": out, "new_tokens": len(out), "wall_time": wall}
         timings = getattr(method.run, "last_timings", None)  # a server peer's own account of the request
@@ -391,13 +397,15 @@ def render_report(summary: dict, figures: list[str]) -> str:
     for ds, table in summary["datasets"].items():
         head = " | ".join(f"speedup vs {b}" for b in bases)
         lines += [f"## {ds}", "", f"| method | τ (accepted + bonus per step) | mean tree size | tokens/s | TPOT ms | {head} "
-                  f"| step limit τ·T(1)/(D+T(n)) | host share of a step |", "|---|---|---|---|---|" + "---|" * len(bases) + "---|---|"]
+                  f"| draft / verify ms per step | step limit τ·T(1)/(D+T(n)) | host share of a step |",
+                  "|---|---|---|---|---|" + "---|" * len(bases) + "---|---|---|"]
         for lab, e in table.items():
             fmt = lambda key: f"{e[key]:.2f}" if key in e else "–"  # noqa: E731
             sp = lambda base: (f"{e[f'speedup_vs_{base}']:.2f}×" + (f" ± {e[f'speedup_vs_{base}_spread']:.2f}" if e.get(f"speedup_vs_{base}_spread") else "")) if f"speedup_vs_{base}" in e else "–"  # noqa: E731
             share = f"{e['host_share']:.1%}" if "host_share" in e else "–"
+            split = f"{e['draft_ms']:.1f} / {e['verify_ms']:.1f}" if "draft_ms" in e else "–"
             lines.append(f"| {lab} | {fmt('tau')} | {fmt('mean_tree_size')} | {e['tokens_per_s']:.2f} | {e['tpot_ms']:.1f} | "
-                         + " | ".join(sp(b) for b in bases) + f" | {fmt('step_limit')} | {share} |")
+                         + " | ".join(sp(b) for b in bases) + f" | {split} | {fmt('step_limit')} | {share} |")
         lines.append("")
         acc = {lab: e["acceptance_by_position"] for lab, e in table.items() if e.get("acceptance_by_position")}
         if acc:
