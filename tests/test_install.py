@@ -128,17 +128,23 @@ def test_wheel_ships_the_drafters_and_maps_plugins_into_the_package(installed):
 @pytest.mark.slow
 def test_installed_bastion_resolves_the_shipped_block_drafter(installed):
     """From the installed copy, `policies --json --target` and `run --json` on the embedded default in
-    transformers say that bastion drafts with the hybrid of prompt lookup and the *installed* shipped block
-    drafter (on llama.cpp, where hidden states cost every forward, ``auto`` leaves it out: test_llamacpp)."""
+    transformers: bastion's ``auto`` drafts with the target's own 4-bit GGUF where llama.cpp can run it
+    (``model``), else with the hybrid of prompt lookup and the *installed* shipped block drafter, which
+    `--drafter hybrid` finds in the installed copy either way (on llama.cpp, where hidden states cost every
+    forward, ``auto`` leaves it out: test_llamacpp)."""
     script = installed / "bin" / "specframe"
     shipped = installed / "specframe" / "drafters" / "smollm2-135m-instruct"
     listed = _in_install(installed, str(script), "policies", "--json", "--target", "smollm2-135m", "--backend", "hf")
     assert listed.returncode == 0, listed.stderr
     bastion = next(row for row in json.loads(listed.stdout) if row["name"] == "bastion")
-    assert bastion["resolved"]["names"]["drafter"] == "hybrid"
-    assert bastion["resolved"]["details"]["drafter"] == f"hybrid(ngram, dflash:{shipped})"
-    assert "shipped block drafter" in bastion["resolved"]["auto"]["drafter"]
-    ran = _in_install(installed, str(script), "run", "--backend", "hf", "--policy", "bastion", "-n", "8", "--json")
+    chosen = bastion["resolved"]["names"]["drafter"]
+    if chosen == "model":
+        assert "4-bit GGUF" in bastion["resolved"]["auto"]["drafter"]
+    else:
+        assert chosen == "hybrid" and bastion["resolved"]["details"]["drafter"] == f"hybrid(ngram, dflash:{shipped})"
+        assert "shipped block drafter" in bastion["resolved"]["auto"]["drafter"]
+    ran = _in_install(installed, str(script), "run", "--backend", "hf", "--policy", "bastion", "--drafter", "hybrid",
+                      "-n", "8", "--json")
     assert ran.returncode == 0, ran.stderr
     assert "drafter auto -> ngram" not in ran.stderr
     comps = json.loads(ran.stdout)["components"]

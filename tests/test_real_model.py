@@ -114,7 +114,10 @@ def test_generator_is_reusable_and_accepts_token_ids(smollm, prompt_ids, referen
 
 def test_cli_run_json_on_real_model_in_transformers(reference):
     """The default policy on the embedded target in transformers, nothing monkeypatched: bastion drafts
-    with the shipped block drafter beside prompt lookup, and no fallback is reported."""
+    with the target's own 4-bit GGUF on llama.cpp (``model``) and says so in one line per choice (without
+    llama-cpp-python: the shipped block drafter beside prompt lookup, and no fallback is reported)."""
+    import importlib.util
+
     from specframe.cli import cli
 
     expected, _ = reference
@@ -122,8 +125,14 @@ def test_cli_run_json_on_real_model_in_transformers(reference):
     assert result.exit_code == 0, (result.stderr, result.exception)
     out = json.loads(result.stdout)
     assert set(out) == {"text", "token_ids", "stats", "components"}
-    assert out["components"]["names"]["drafter"] == "hybrid"  # the shipped block drafter beside prompt lookup
-    assert result.stderr == "", "no fallback on the embedded default"
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert out["components"]["names"]["drafter"] == "model"
+        lines = result.stderr.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("specframe: drafter auto -> model: the draft is the target's own 4-bit GGUF")
+        assert lines[1].startswith("specframe: draft SmolLM2-135M-Instruct (embedded, llama.cpp) on backend auto -> llama.cpp:")
+    else:
+        assert out["components"]["names"]["drafter"] == "hybrid"  # the shipped block drafter beside prompt lookup
+        assert result.stderr == "", "no fallback on the embedded default"
     assert out["token_ids"] == expected[:8]
     assert out["stats"]["new_tokens"] == 8
     assert out["text"].strip()
