@@ -191,8 +191,10 @@ class Target:
 
     @torch.inference_mode()
     def hf_generate(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int | None = None, prompt_lookup_num_tokens: int | None = None) -> list[int]:
-        """transformers' own ``generate`` (optionally its prompt-lookup assisted decoding), for comparison.
+                    top_p: float = 1.0, seed: int | None = None, prompt_lookup_num_tokens: int | None = None,
+                    **generate_kwargs) -> list[int]:
+        """transformers' own ``generate`` (optionally its prompt-lookup assisted decoding, or any other of
+        ``generate``'s keywords, e.g. ``assistant_model``), for comparison.
 
         Returns the new token ids, stopping after an EOS exactly like specframe."""
         if seed is not None:
@@ -205,6 +207,7 @@ class Target:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         if prompt_lookup_num_tokens:
             kwargs["prompt_lookup_num_tokens"] = int(prompt_lookup_num_tokens)
+        kwargs.update(generate_kwargs)
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
         return out[0, len(ids):].tolist()

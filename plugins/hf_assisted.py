@@ -153,21 +153,9 @@ def _vocab(model) -> int:
     return int(getattr(config, "get_text_config", lambda: config)().vocab_size)
 
 
-@torch.inference_mode()
 def assisted_generate(target, assistant, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                       top_p: float = 1.0, seed: int | None = None, tokenizers=None) -> list[int]:
     """transformers' ``generate`` with ``assistant_model`` (and both tokenizers when given): the new token ids,
-    stopping after an EOS exactly like specframe (and like :meth:`Target.hf_generate`)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, num_beams=1,
-                  eos_token_id=list(target.eos_token_ids) or None, pad_token_id=(target.eos_token_ids or (0,))[0])
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
-    if tokenizers is not None:
-        kwargs.update(tokenizer=tokenizers[0], assistant_tokenizer=tokenizers[1])
-    x = torch.tensor([ids], device=target.device)
-    out = target.model.generate(input_ids=x, attention_mask=torch.ones_like(x), assistant_model=assistant, **kwargs)
-    return out[0, len(ids):].tolist()
+    stopping after an EOS exactly like specframe (:meth:`Target.hf_generate`, with the assistant)."""
+    extra = {} if tokenizers is None else {"tokenizer": tokenizers[0], "assistant_tokenizer": tokenizers[1]}
+    return target.hf_generate(ids, max_new_tokens, temperature, top_k, top_p, seed, assistant_model=assistant, **extra)
