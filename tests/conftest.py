@@ -118,6 +118,23 @@ def plain_greedy(model, prompt: list[int], n: int, eos: set[int] | frozenset = f
     return out
 
 
+def peer_backend(name: str, *peers: str):
+    """A backend plugin ``name`` whose loader only declares ``peers`` (bench checks peer names against the
+    registered backends before it looks at the target); loading a model from it is an error."""
+    from specframe import hookimpl
+
+    class PeerBackend:
+        @hookimpl
+        def register_backends(self, register):
+            def load(spec=None, *, dtype="float32", device="cpu"):
+                raise AssertionError("not loaded in this test")
+
+            load.peer_names = peers
+            register(name, load)
+
+    return PeerBackend()
+
+
 def pin_hf_backend(monkeypatch) -> None:
     """Make ``--backend auto`` choose ``hf`` (for tests that replace ``Target.load`` with a tiny model):
     the built-in llama.cpp backend claims nothing."""
@@ -137,6 +154,28 @@ def embedded_model_dir():
     from specframe.target import embedded_model_dir as convert
 
     return convert()
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary():
+    """The ``llama-server`` that ``scripts/build_llama_server.sh`` builds (its outputs are compared with the
+    llama.cpp backend's, so llama-cpp-python is needed too): skipped without them, except under CI (``$CI``
+    set), where setup installs and builds both and a missing one fails."""
+    import importlib.util
+
+    from specframe.errors import SpecframeError
+    from specframe.plugins.llama_server import server_binary
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs llama-cpp-python in scripts/setup.sh")
+        pytest.skip("llama-cpp-python is not installed")
+    try:
+        return server_binary()
+    except SpecframeError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI builds llama-server in scripts/setup.sh: {err}")
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="session")

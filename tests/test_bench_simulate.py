@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specframe import Registry, SpecGenerator, Target, hookimpl, make_plugin_set
+from specframe import Registry, SpecGenerator, Target, make_plugin_set
 from specframe.tools.bench import run_bench, split_methods
 from specframe.cli import cli
 from specframe.datasets import Prompt
@@ -19,7 +19,7 @@ from specframe.tools.profile import measure_profile
 from specframe.tools.simulate import simulate
 from specframe.tools.trace import record_trace
 
-from conftest import TinyTokenizer
+from conftest import TinyTokenizer, peer_backend
 
 PROMPTS = ["1 2 3 4 5 1 2 3 9 9 1 2", "7 7 8 1 2 3 7 7 8 1", "5 6 5 6 5 6 2"]
 
@@ -299,17 +299,10 @@ def test_simulated_host_overhead_grows_with_the_tree(target, tmp_path):
     assert host["best-first:8"]["tau"] == plain["best-first:8"]["tau"]
 
 
-class _OddPeerBackend:
-    """A backend plugin whose loader offers the peers ``odd`` (ar's output with its 4th token changed) and
-    ``served`` (ar's output, with a server-style account of itself and a fresh start before each run)."""
-
-    @hookimpl
-    def register_backends(self, register):
-        def load(spec=None, *, dtype="float32", device="cpu"):
-            raise AssertionError("not loaded in this test")
-
-        load.peer_names = ("odd", "served")
-        register("odd-backend", load)
+def _odd_peer_backend():
+    """The peers ``odd`` (ar's output with its 4th token changed) and ``served`` (ar's output, with a
+    server-style account of itself and a fresh start before each run)."""
+    return peer_backend("odd-backend", "odd", "served")
 
 
 def test_peer_divergences_are_reported_not_failures_and_server_timings_summarised(target, dataset, tmp_path):
@@ -325,7 +318,7 @@ def test_peer_divergences_are_reported_not_failures_and_server_timings_summarise
         run.prepare = lambda: prepared.append(name)
         return run
 
-    registry = Registry(make_plugin_set(extra=[_OddPeerBackend()]))
+    registry = Registry(make_plugin_set(extra=[_odd_peer_backend()]))
     odd = Target(target.model, target.tokenizer, "tiny")
     odd.peer_names, odd.peer, odd.baseline_peers = ("odd", "served"), peer, ("served",)
     summary = run_bench(odd, ["ar", "odd", "served"], [dataset], tmp_path / "b", num_prompts=2, max_new_tokens=8,
@@ -352,7 +345,7 @@ def test_a_peer_that_raises_is_its_rows_error_and_the_report_splits_draft_and_ve
 
         return run
 
-    registry = Registry(make_plugin_set(extra=[_OddPeerBackend()]))
+    registry = Registry(make_plugin_set(extra=[_odd_peer_backend()]))
     odd = Target(target.model, target.tokenizer, "tiny")
     odd.peer_names, odd.peer = ("odd", "served"), peer
     summary = run_bench(odd, ["ar", "odd", "best-first:4@ngram"], [dataset], tmp_path / "b", num_prompts=2,

@@ -23,12 +23,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from specframe import Registry, SpecGenerator, Target, hookimpl, make_plugin_set
+from specframe import Registry, SpecGenerator, Target, make_plugin_set
 from specframe.errors import SpecframeError
 from specframe.plugins.hf_assisted import INT8_DRAFT, same_model
 from specframe.tools.bench import build_methods, peer_takes_draft, run_bench, with_draft_model
 
-from conftest import make_tiny_model, new_target, plain_greedy
+from conftest import make_tiny_model, new_target, peer_backend, plain_greedy
 
 PROMPTS = [[5, 17, 33, 5, 17, 33, 8, 9], [40, 41, 42, 43, 44, 45], [7]]
 N = 32
@@ -206,24 +206,7 @@ def test_another_vocabulary_without_tokenizers_is_one_line(target):
 
 
 # ------------------------------------------------------------------------------------------- llama-server-draft
-HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 THREADS = 1
-
-
-@pytest.fixture(scope="module")
-def server_binary_or_skip():
-    from specframe.plugins.llama_server import server_binary
-
-    if not HAVE_LLAMA:
-        if os.environ.get("CI"):
-            pytest.fail("CI installs llama-cpp-python in scripts/setup.sh")
-        pytest.skip("llama-cpp-python is not installed")
-    try:
-        return server_binary()
-    except SpecframeError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI builds llama-server in scripts/setup.sh: {err}")
-        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +228,7 @@ def test_a_draft_speculation_needs_a_draft_model_and_only_it_takes_one(tmp_path)
         LlamaServerPeer(tmp_path / "m.gguf", threads=1, n_ctx=256, spec=DRAFT_SPEC, draft_model=tmp_path / "d.gguf")
 
 
-def test_llama_server_draft_gives_the_backends_ar_output(server_binary_or_skip, ggufs):
+def test_llama_server_draft_gives_the_backends_ar_output(llama_server_binary, ggufs):
     from specframe.backends import load_target
 
     path, other = ggufs
@@ -287,21 +270,9 @@ def dataset(tmp_path):
     return str(path)
 
 
-class _FakePeerBackend:
-    """A backend plugin whose loader offers the peers ``plain`` and ``drafty`` (bench checks peer names
-    against the registered backends before it looks at the target)."""
-
-    @hookimpl
-    def register_backends(self, register):
-        def load(spec=None, *, dtype="float32", device="cpu"):
-            raise AssertionError("not loaded in this test")
-
-        load.peer_names = ("plain", "drafty")
-        register("fake-peers", load)
-
-
 def _registry():
-    return Registry(make_plugin_set(extra=[_FakePeerBackend()]))
+    """Bench accepts the peers ``plain`` and ``drafty``."""
+    return Registry(make_plugin_set(extra=[peer_backend("fake-peers", "plain", "drafty")]))
 
 
 def _fake_peers(target, calls):

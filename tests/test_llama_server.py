@@ -8,7 +8,6 @@ except under CI (``$CI`` set), where setup builds it and a missing binary fails.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 
@@ -21,7 +20,6 @@ from specframe.plugins.llama_server import NGRAM_SPEC, LlamaServerPeer, server_b
 
 from tiny_gguf import tiny_gguf, write_tiny_gguf
 
-HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 PROMPTS = [[5, 17, 33, 5, 17, 33, 8, 9, 5, 17], [40, 41, 42, 43, 44], [7], list(range(3, 90))]
 # A prompt whose last token, decoded as a row of the prompt's batch instead of on its own (as specframe
 # decodes it), flips a near-tie at new token 24 on the machine it was found on (1 of 400 random prompts).
@@ -34,31 +32,13 @@ N_NEW = 48
 THREADS = 1  # server and backend alike; llama.cpp's spinning thread pools crawl on an oversubscribed CPU
 
 
-def _binary_or_skip():
-    try:
-        return server_binary()
-    except SpecframeError as err:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI builds llama-server in scripts/setup.sh: {err}")
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
-def binary():
-    if not HAVE_LLAMA:  # the reference outputs come from the llama.cpp backend
-        if os.environ.get("CI"):
-            pytest.fail("CI installs llama-cpp-python in scripts/setup.sh")
-        pytest.skip("llama-cpp-python is not installed")
-    return _binary_or_skip()
-
-
 @pytest.fixture(scope="module")
 def gguf_path():
     return tiny_gguf(tempfile.mkdtemp(prefix="specframe-llama-server-"))
 
 
 @pytest.fixture(scope="module")
-def server(binary, gguf_path):
+def server(llama_server_binary, gguf_path):
     with LlamaServerPeer(gguf_path, threads=THREADS, n_ctx=512) as peer:
         yield peer
 
@@ -86,7 +66,7 @@ def test_greedy_output_is_the_backends_own_ar_output(server, gguf_path, ids):
 
 
 @pytest.mark.slow
-def test_greedy_output_is_ar_output_on_the_embedded_model(binary):
+def test_greedy_output_is_ar_output_on_the_embedded_model(llama_server_binary):
     """On SmolLM2-135M, a prompt sent whole diverged from ``ar`` within 64 tokens on 4 of 5 prompts."""
     from specframe import datasets
 
@@ -100,7 +80,7 @@ def test_greedy_output_is_ar_output_on_the_embedded_model(binary):
         run.close()
 
 
-def test_ngram_speculation_keeps_the_greedy_output_and_restarts_between_requests(binary, gguf_path):
+def test_ngram_speculation_keeps_the_greedy_output_and_restarts_between_requests(llama_server_binary, gguf_path):
     with LlamaServerPeer(gguf_path, threads=THREADS, n_ctx=512, spec=NGRAM_SPEC) as peer:
         assert peer.fresh_per_request  # ngram-mod's hash pool outlives a request
         assert peer.command()[-8:] == ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "24",
@@ -116,7 +96,7 @@ def test_ngram_speculation_keeps_the_greedy_output_and_restarts_between_requests
         assert any(drafted), drafted  # speculation was exercised
 
 
-def test_output_ends_after_the_first_end_of_generation_token(binary, gguf_path, tmp_path):
+def test_output_ends_after_the_first_end_of_generation_token(llama_server_binary, gguf_path, tmp_path):
     """The same weights with a token the model emits made EOS: the server stops right after it and returns
     it as its last token, as specframe does."""
     ids = PROMPTS[0]
@@ -142,7 +122,7 @@ def test_last_timings_hold_the_servers_figures(server):
     assert timings["restart_ms"] == 0  # a plain server serves every request
 
 
-def test_backend_peers_run_the_server_and_expose_its_timings(binary, gguf_path):
+def test_backend_peers_run_the_server_and_expose_its_timings(llama_server_binary, gguf_path):
     target = load_target(str(gguf_path), "llama.cpp", options={"threads": THREADS})
     assert {"llama-server", "llama-server-ngram"} <= set(target.peer_names)
     run = target.peer("llama-server")
@@ -161,7 +141,7 @@ def test_sampling_with_a_seed_is_repeatable(server):
 
 
 # ------------------------------------------------------------------------------------------- lifetime
-def test_close_leaves_no_process(binary, gguf_path):
+def test_close_leaves_no_process(llama_server_binary, gguf_path):
     peer = LlamaServerPeer(gguf_path, threads=1, n_ctx=256)
     pid, log = peer.proc.pid, peer._log_path
     assert not pid_gone(pid) and os.path.exists(log)
@@ -207,7 +187,7 @@ def test_a_server_that_exits_at_once_is_one_line_with_its_log(tmp_path):
     assert message == "llama-server exited with code 3 before it was ready (log: loading the model | error: out of luck)"
 
 
-def test_a_gguf_the_server_cannot_load_is_one_line(binary, tmp_path):
+def test_a_gguf_the_server_cannot_load_is_one_line(llama_server_binary, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 60)
     with pytest.raises(SpecframeError, match=r"^llama-server exited with code \d+ before it was ready \(log: .+\)$") as err:
