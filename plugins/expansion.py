@@ -96,12 +96,14 @@ class Frontier:
         self.lazy = bool(getattr(draft, "lazy", False))
         self.heap: list = []
         self.tie = 0
-        self._push(0, draft.ROOT, 0, 1.0, eager=True)
+        self.push_children(0, draft.ROOT, 0, 1.0, eager=True)
 
     def __bool__(self) -> bool:
         return bool(self.heap)
 
-    def _push(self, node: int, handle: object, depth: int, p: float, eager: bool = False) -> None:
+    def push_children(self, node: int, handle: object, depth: int, p: float, eager: bool = False) -> None:
+        """Offer the children of tree node ``node`` (draft ``handle``, at ``depth``, with score ``p``); of a
+        lazy draft's unexpanded node, its pending expansion instead (unless ``eager``)."""
         if depth >= self.max_depth:
             return
         if self.lazy and not eager and not self.draft.expanded(handle):
@@ -114,10 +116,6 @@ class Frontier:
                 self.tie += 1
         self.tie += 1
 
-    def push_children(self, node: int, handle: object, depth: int, p: float) -> None:
-        """Offer the children of tree node ``node`` (draft ``handle``, at ``depth``, with score ``p``)."""
-        self._push(node, handle, depth, p)
-
     def best_score(self) -> float:
         return -self.heap[0][0]
 
@@ -129,7 +127,7 @@ class Frontier:
         """Move the best candidate into ``out`` (its children become candidates); returns its score."""
         neg, _, parent, depth, cand, _, _ = heapq.heappop(self.heap)
         node = out.add(parent, cand, -neg)
-        self._push(node, cand.handle, depth, -neg)
+        self.push_children(node, cand.handle, depth, -neg)
         return -neg
 
     def drop_top(self) -> None:
@@ -150,7 +148,7 @@ class Frontier:
             heapq.heapify(self.heap)
         self.draft.expand([e[4] for e in batch], depth)
         for _, _, node, d, handle, p, _ in batch:
-            self._push(node, handle, d, p, eager=True)
+            self.push_children(node, handle, d, p, eager=True)
         return len(batch)
 
 

@@ -53,7 +53,7 @@ from specframe import hookimpl
 from specframe.backends import Capabilities, ModelShape
 from specframe.errors import SpecframeError
 from specframe.target import ForwardOut, known_gguf
-from specframe.tree import Tree
+from specframe.tree import Tree, common_prefix
 
 MODES = ("exact", "fast")
 EXACT_ROWS = 16  # rows per verification call in exact mode: below the CPU kernels' 64-row switch
@@ -161,16 +161,6 @@ def layout_tree(parents: list[int]) -> _Layout:
                 walk = parents[walk]
             paths.append(path[::-1])
     return _Layout(order, seqs, paths)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two node paths."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class _Context:

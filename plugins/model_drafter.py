@@ -33,7 +33,7 @@ from specframe.backends import AUTO, load_target
 from specframe.clock import real_clock
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft
 from specframe.errors import SpecframeError
-from specframe.tree import Tree
+from specframe.tree import Tree, common_prefix
 
 log = logging.getLogger("specframe")
 WINDOW = 64  # draft calls the per-call cost fit remembers
@@ -216,11 +216,7 @@ class ModelDrafter(Drafter):
             else:
                 s.rollback(len(tree.rows))
         self.tree = None
-        same = 0
-        for a, b in zip(self.cached, want):
-            if a != b:
-                break
-            same += 1
+        same = common_prefix(self.cached, want)
         if same < len(self.cached):
             s.truncate(same)
             del self.cached[same:]

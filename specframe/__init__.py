@@ -43,9 +43,10 @@ def __getattr__(name: str):
     """``specframe.Target``: the ``hf`` backend's target class (transformers), resolved through the backend
     registry on first use so that importing specframe loads no runtime."""
     if name == "Target":
-        from .target import backend_module
+        from . import target
 
-        return backend_module("hf").Target
+        value = globals()[name] = target.Target  # resolved once (specframe.target resolves it the same way)
+        return value
     raise AttributeError(f"module 'specframe' has no attribute '{name}'")
 
 __all__ = [

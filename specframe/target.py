@@ -142,5 +142,6 @@ def backend_module(name: str = "hf"):
 
 def __getattr__(name: str):
     if name in HF_NAMES:
-        return getattr(backend_module("hf"), name)
+        value = globals()[name] = getattr(backend_module("hf"), name)  # resolved once: later lookups are plain
+        return value
     raise AttributeError(f"module 'specframe.target' has no attribute '{name}'")

@@ -239,3 +239,13 @@ def validate_tree(tree: Tree, vocab_size: int, who: str) -> None:
         raise InvalidTreeError(f"{who} produced NaN or infinite draft log-probabilities")
     if len(set(zip(parents[1:], tokens[1:]))) != n - 1:
         raise InvalidTreeError(f"{who} produced a tree with two siblings carrying the same token")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two lists (node paths, token sequences)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
