@@ -159,6 +159,14 @@ class Target:
             )
         return TargetSession(self, tuple(feature_layers))
 
+    def set_threads(self, n: int) -> int:
+        """Run on ``n`` CPU threads (torch's intra-op threads: a setting of the whole process); returns the
+        previous count. A drafter drafting on its own thread meanwhile asks for fewer."""
+        before = torch.get_num_threads()
+        if n != before:
+            torch.set_num_threads(n)
+        return before
+
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on CPU) so wall-clock timings are real."""
         if self.device.type == "cuda":

@@ -436,6 +436,15 @@ class LlamaCppTarget:
             pool.append(ctx)
         return LlamaCppSession(self, ctx)
 
+    def set_threads(self, n: int) -> int:
+        """Decode on ``n`` threads from now on (every context of this model); returns the previous count."""
+        before, self.threads = self.threads, int(n)
+        if n != before:
+            for ctx in (c for pool in self._contexts.values() for c in pool):
+                if ctx.ctx:
+                    self.runtime.lib.llama_set_n_threads(ctx.ctx, self.threads, self.threads)
+        return before
+
     def synchronize(self) -> None:
         for ctx in (c for pool in self._contexts.values() for c in pool):
             if ctx.ctx:

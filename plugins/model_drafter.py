@@ -24,6 +24,8 @@ where one is known: for the embedded SmolLM2-135M-Instruct on transformers, its 
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -31,12 +33,15 @@ import torch
 from specframe import hookimpl
 from specframe.backends import AUTO, load_target
 from specframe.clock import real_clock
-from specframe.components import Candidate, Draft, Drafter, EmptyDraft
+from specframe.components import Candidate, Draft, Drafter, EmptyDraft, Verifying
 from specframe.errors import SpecframeError
+from specframe.overlap import AheadThread, CoreSplit
 from specframe.tree import Tree, common_prefix
 
 log = logging.getLogger("specframe")
 WINDOW = 64  # draft calls the per-call cost fit remembers
+MAX_ROWS = 240  # rows of one draft tree in the draft session (llama.cpp: a sequence per row, 256 at most)
+CONTINUE_ROWS = 160  # a tree drafted ahead keeps growing across steps while it holds at most this many rows
 
 
 class CallCosts:
@@ -65,49 +70,16 @@ class CallCosts:
         return self.a + self.b * k if k > 0 else 0.0
 
 
-class ModelDraft(Draft):
-    """One step's draft tree in the DRAFT's token space, grown lazily. Handles are node ids; node 0 is the
-    root. ``rows`` lists the nodes the draft session holds (forwarded), in its cache order."""
+class Nodes:
+    """The draft's tree in its own token space: every node drafted since the draft cache was last brought
+    in line with the committed context (node 0, its root, is the first uncommitted token). ``rows`` lists
+    the nodes the draft session holds (forwarded, so their children are known), in its cache order."""
 
-    ROOT = 0
-    lazy = True
-
-    def __init__(self, drafter: "ModelDrafter", root: int, max_depth: int):
-        self.drafter, self.max_depth = drafter, max_depth
+    def __init__(self, root: int):
         self.token, self.parent, self.depth, self.logq = [root], [-1], [0], [0.0]
         self.kids: list[list[Candidate] | None] = [None]
         self.row: list[int | None] = [None]
         self.rows: list[int] = []
-        self.spent_seconds = 0.0
-
-    def expanded(self, handle) -> bool:
-        return self.kids[handle] is not None or self.depth[handle] >= self.max_depth
-
-    def children(self, handle, depth: int) -> list[Candidate]:
-        if self.depth[handle] >= self.max_depth:
-            return []
-        if self.kids[handle] is None:
-            self.expand([handle], depth)
-        return self.kids[handle]
-
-    def expand(self, handles: list, depth: int) -> None:
-        todo = [h for h in dict.fromkeys(handles) if not self.expanded(h)]
-        if todo:
-            self.drafter.forward(self, todo)
-
-    def expansion_seconds(self, count: int = 1) -> float:
-        return self.drafter.costs.predict(count)
-
-    def expected_child_logq(self, handle, depth: int) -> float:
-        return self.drafter.top_logq
-
-    def path(self, handle) -> list[int]:
-        """Draft tokens from below the root to ``handle``."""
-        out = []
-        while handle > 0:
-            out.append(self.token[handle])
-            handle = self.parent[handle]
-        return out[::-1]
 
     def add(self, parent: int, token: int, logq: float) -> int:
         self.token.append(token)
@@ -118,8 +90,92 @@ class ModelDraft(Draft):
         self.row.append(None)
         return len(self.token) - 1
 
+    def child(self, node: int, token: int) -> int | None:
+        return next((c.handle for c in self.kids[node] or () if c.token == token), None)
+
+
+class Budget:
+    """What a look-ahead job may spend: draft calls while their predicted seconds (the costs as they were when
+    the job began, so its extent does not depend on how fast it runs) fit in ``seconds``."""
+
+    def __init__(self, seconds: float, costs: "CallCosts", cancelled=None):
+        self.left, self.a, self.b, self.cancelled = seconds, costs.a, costs.b, cancelled
+
+    def take(self, k: int) -> bool:
+        cost = self.a + self.b * k
+        if (self.cancelled is not None and self.cancelled.is_set()) or cost > self.left:
+            self.left = -1.0  # spent: later calls are refused too, so the job's extent is one prefix of its plan
+            return False
+        self.left -= cost
+        return True
+
+
+class ModelDraft(Draft):
+    """One step's draft: the subtree of :class:`Nodes` below ``root`` (node 0 on a fresh tree; a node drafted
+    ahead when the step's root was predicted), at most ``max_depth`` below it, grown lazily. Handles are node
+    ids. A look-ahead view has a ``budget``: past it, unexpanded nodes stay leaves.
+
+    A view shows exactly what drafting serially would have shown: a node whose children were drafted ahead
+    counts as expanded only once this view asks for it (then at no cost), so a policy decides the same things
+    in the same order whether or not the look-ahead ran — drafting ahead changes the time only."""
+
+    lazy = True
+
+    def __init__(self, drafter: "ModelDrafter", nodes: Nodes, root: int, max_depth: int, budget: Budget | None = None):
+        self.drafter, self.nodes, self.ROOT, self.max_depth, self.budget = drafter, nodes, root, max_depth, budget
+        self.base = nodes.depth[root]
+        self.spent_seconds = 0.0
+        self.seen: set[int] = set()  # nodes whose children this view has asked for (drafted now or ahead)
+
+    # the store's lists, for code that walks the tree (the token bridge, tests)
+    token = property(lambda self: self.nodes.token)
+    parent = property(lambda self: self.nodes.parent)
+    depth = property(lambda self: self.nodes.depth)
+    kids = property(lambda self: self.nodes.kids)
+    row = property(lambda self: self.nodes.row)
+    rows = property(lambda self: self.nodes.rows)
+
+    def _deep(self, handle) -> bool:
+        return self.nodes.depth[handle] - self.base >= self.max_depth
+
+    def expanded(self, handle) -> bool:
+        return handle in self.seen or self._deep(handle) or (self.budget is not None and self.budget.left < 0)
+
+    def children(self, handle, depth: int) -> list[Candidate]:
+        if self._deep(handle):
+            return []
+        if handle not in self.seen:
+            self.expand([handle], depth)
+        return self.nodes.kids[handle] or []
+
+    def expand(self, handles: list, depth: int) -> None:
+        nodes = self.nodes
+        todo = [h for h in dict.fromkeys(handles) if h not in self.seen and not self._deep(h)]
+        missing = [h for h in todo if nodes.kids[h] is None][: max(MAX_ROWS - len(nodes.rows), 0)]
+        if missing and (self.budget is None or self.budget.take(len(missing))):
+            self.drafter.forward(self, missing)
+        for h in todo:
+            if nodes.kids[h] is not None:
+                self.seen.add(h)
+                if self.budget is None and nodes.kids[h]:  # what a policy learns of the draft: as if drafted now
+                    self.drafter.top_logq = 0.9 * self.drafter.top_logq + 0.1 * nodes.kids[h][0].logq
+
+    def expansion_seconds(self, count: int = 1) -> float:
+        return self.drafter.costs.predict(count)
+
+    def expected_child_logq(self, handle, depth: int) -> float:
+        return self.drafter.top_logq
+
+    def path(self, handle) -> list[int]:
+        """Draft tokens from below the root to ``handle``."""
+        out = []
+        while handle != self.ROOT and handle > 0:
+            out.append(self.nodes.token[handle])
+            handle = self.nodes.parent[handle]
+        return out[::-1]
+
     def validate(self, vocab_size: int) -> None:
-        for row in self.kids:
+        for row in self.nodes.kids:
             for c in row or ():
                 if not 0 <= c.token < vocab_size:
                     raise ValueError(f"draft token {c.token} is outside the vocabulary [0, {vocab_size})")
@@ -130,14 +186,28 @@ class ModelDrafter(Drafter):
     spec; default: a known cheaper copy of the target), ``backend`` (the draft's runtime, ``auto`` as for
     targets), ``top_k`` (children per expanded node), ``max_depth`` (the deepest a draft may go),
     ``options`` (the draft backend's options, e.g. ``{"threads": 2}``); in Python, ``model`` takes a draft
-    already loaded (any object a backend's ``load`` returns)."""
+    already loaded (any object a backend's ``load`` returns).
+
+    Drafting while the target verifies (``overlap=true``): as the target starts verifying a tree, the draft
+    runs the step's expansion policy, on a thread of its own, on the ``branches`` likeliest outcomes of that
+    verification (the end of the accepted path by P(v), the next root being the draft's best child there that
+    is not in the tree), within the verification's predicted time. The next proposal waits for that thread
+    and, when the committed context landed on a node drafted ahead, starts from it: its drafting is then
+    already done. While they overlap, the target and the draft get ``draft_threads`` and the rest of the
+    cores. ``ahead_timeout``: seconds after which a look-ahead that does not finish ends the generation."""
 
     name = "model"
 
     def __init__(self, target, registry=None, clock=real_clock, path: str | None = None, backend: str = AUTO,
-                 top_k: int = 4, max_depth: int = 32, options: dict | None = None, model=None):
+                 top_k: int = 4, max_depth: int = 32, options: dict | None = None, model=None,
+                 overlap: bool = False, branches: int = 1, draft_threads: int = 1, ahead_timeout: float = 60.0):
         if not isinstance(top_k, int) or top_k <= 0 or not isinstance(max_depth, int) or max_depth <= 0:
             raise SpecframeError(f"drafter 'model': top_k and max_depth must be positive integers, got {top_k}, {max_depth}")
+        if not isinstance(branches, int) or branches <= 0 or not isinstance(draft_threads, int) or draft_threads <= 0:
+            raise SpecframeError(f"drafter 'model': branches and draft_threads must be positive integers, "
+                                 f"got {branches}, {draft_threads}")
+        if not (isinstance(ahead_timeout, (int, float)) and ahead_timeout > 0):
+            raise SpecframeError(f"drafter 'model': ahead_timeout must be a positive number of seconds, got {ahead_timeout!r}")
         self.target, self.clock = target, clock
         self.top_k, self.max_depth = top_k, max_depth
         if model is not None:  # a draft already loaded (Python API, tests)
@@ -153,17 +223,31 @@ class ModelDrafter(Drafter):
 
             self.bridge = TokenBridge(target, self.draft)
         check_context(target, self.draft)
+        self.overlap, self.branches = bool(overlap), branches
+        if self.overlap and self.bridge is not None:
+            raise SpecframeError("drafter 'model': overlap=true needs a draft with the target's tokenizer (this one "
+                                 "drafts through text); draft serially with overlap=false")
         self.session = self.draft.start(())  # one draft session for every request: a shared prefix stays
         self.grows = hasattr(self.session, "grow")  # a session that cannot grow re-verifies the tree per depth
         self.cached: list[int] = []  # draft tokens committed in the draft session
-        self.tree: ModelDraft | None = None  # the last proposal, whose forwarded rows are in the session
-        self.costs = CallCosts()
+        self.nodes: Nodes | None = None  # the tree drafted since the last sync, whose rows are in the session
+        self.current: ModelDraft | None = None  # this step's proposal, until the target verifies it
+        self.costs = CallCosts()  # draft calls made on the caller's thread (what a policy pays for)
+        self.ahead_costs = CallCosts()  # draft calls made drafting ahead (with the draft's share of the cores)
         self.top_logq = float(np.log(0.8))  # running mean of an expansion's best child log-prob
+        self.ahead = AheadThread("drafter 'model'", ahead_timeout, clock)
+        self.split = CoreSplit(target, self.draft, draft_threads)
+        self.fresh = True  # the next proposal starts a fresh tree (a new request)
 
     def describe(self) -> str:
         how = "through text (other tokenizer)" if self.bridge else "same tokenizer"
         if not self.grows:
             how += "; its backend cannot grow a tree, so each depth re-verifies the whole tree"
+        if self.overlap:
+            share = self.split.want
+            how += (f"; drafts ahead while the target verifies ({self.branches} outcome(s), {share['target']} target / "
+                    f"{share['draft']} draft thread(s) meanwhile")
+            how += f"; cannot set threads of {', '.join(self.split.missing)})" if self.split.missing else ")"
         return (f"model:{self.draft.name} on {getattr(self.draft, 'backend', '?')} ({how}; top_k {self.top_k}, "
                 f"max_depth {self.max_depth})" + (f" — {self.note}" if self.note else ""))
 
@@ -171,26 +255,98 @@ class ModelDrafter(Drafter):
     def start(self, prompt_ids: list[int], features) -> None:
         """A new request: the draft reads the prompt now (prefill time, not drafting time), keeping the
         prefix it shares with what it held."""
+        self.finish()
         ids = self.bridge.draft_context(prompt_ids) if self.bridge else list(prompt_ids)
         if 1 < len(ids) <= self._room():
             self._sync(ids[:-1])
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
+        running, waited_from = self.ahead.running, self.clock()
+        ahead_s = self.ahead.wait()  # the look-ahead drafting started as the target began verifying
+        waited = self.clock() - waited_from if running else 0.0
+        self.split.leave()
         ids = self.bridge.draft_context(context_ids) if self.bridge else list(context_ids)
         if not ids:
             return EmptyDraft()
         depth = min(max_depth, self.max_depth, self._room() - len(ids))
         if depth <= 0:  # the draft's context is full: the target goes on alone
             return EmptyDraft()
-        self._sync(ids[:-1])
-        draft = ModelDraft(self, ids[-1], depth)
-        self.tree = draft
-        draft.expand([0], 0)  # the root's children: part of the proposal's own time
+        node = self._drafted_ahead(ids) if self.overlap and not self.fresh else None
+        self.fresh = False
+        if node is None:
+            self._sync(ids[:-1])
+            self.nodes = Nodes(ids[-1])
+            node = 0
+        draft = ModelDraft(self, self.nodes, node, depth)
+        draft.expand([node], 0)  # the root's children (drafted ahead, or now: part of the proposal's own time)
         draft.spent_seconds = 0.0
+        draft.ahead_seconds, draft.ahead_wait_seconds = ahead_s, min(waited, ahead_s)
+        draft.ahead_hit = node != 0
+        self.current = draft
         return self.bridge.wrap(draft, context_ids, ids) if self.bridge else draft
 
     def commit(self, tokens: list[int], features) -> None:
         """Nothing to do now: the next proposal keeps what of this tree the target accepted (``_sync``)."""
+
+    def speculate(self, verifying: Verifying) -> None:
+        """Draft ahead for the likeliest outcomes of the verification starting now (``overlap=true`` only)."""
+        draft, self.current = self.current, None
+        if not self.overlap or draft is None or draft.nodes is not self.nodes:
+            return
+        handles = _handles(draft, verifying.tree)
+        if handles is None:  # not this proposal's tree (a policy that built its own): nothing to predict
+            return
+        outcomes = likeliest_outcomes(verifying.tree, verifying.built.scores, handles)
+        ctx = replace(verifying.ctx, surrogate=deepcopy(verifying.ctx.surrogate),
+                      cost_model=deepcopy(verifying.ctx.cost_model))  # the job reads these while the step updates them
+        budget = Budget(verifying.seconds, self.ahead_costs)
+        policy, nodes, depth = verifying.policy, self.nodes, draft.max_depth
+
+        def job(cancelled):
+            budget.cancelled = cancelled
+            self._draft_ahead(nodes, outcomes, ctx, policy, depth, budget)
+
+        self.split.enter()
+        self.ahead.start(job)
+
+    def finish(self) -> None:
+        """The request is over: stop drafting ahead; the next request starts from a fresh tree."""
+        self.ahead.cancel()
+        self.split.leave()
+        self.current, self.fresh = None, True
+
+    # ------------------------------------------------------------------ drafting ahead
+    def _draft_ahead(self, nodes: Nodes, outcomes, ctx, policy, depth: int, budget: Budget) -> None:
+        """The look-ahead job: for the ``branches`` likeliest outcomes (end node v, tokens the tree gave v) that
+        leave a candidate, the next root is v's best child outside the tree; the policy then expands below it
+        as it would next step."""
+        todo = self.branches
+        for v, taken in outcomes:
+            if todo == 0 or budget.left < 0:
+                break
+            ModelDraft(self, nodes, v, depth, budget).expand([v], 0)
+            nxt = next((c.handle for c in nodes.kids[v] or () if c.token not in taken), None)
+            if nxt is None:
+                continue  # every candidate after v is in the tree: the bonus there is none the draft offers
+            todo -= 1
+            view = ModelDraft(self, nodes, nxt, depth, budget)
+            policy.expand(view, replace(ctx, root_token=nodes.token[nxt],
+                                        context_len=ctx.context_len + nodes.depth[nxt] - nodes.depth[0]))
+
+    def _drafted_ahead(self, ids: list[int]) -> int | None:
+        """The node of the current tree whose path is the context's tail and whose children were drafted
+        (ahead), if there is one and the tree is still small enough to grow; else None."""
+        nodes, n = self.nodes, len(self.cached)
+        if nodes is None or len(nodes.rows) > CONTINUE_ROWS or len(ids) <= n or ids[n] != nodes.token[0]:
+            return None
+        if ids[:n] != self.cached:
+            return None
+        node = 0
+        for tok in ids[n + 1:]:
+            node = nodes.child(node, tok)
+            if node is None:
+                return None
+        return node if node and nodes.kids[node] is not None else None
 
     # ------------------------------------------------------------------ the draft session
     def _room(self) -> int:
@@ -200,13 +356,13 @@ class ModelDrafter(Drafter):
 
     def _sync(self, want: list[int]) -> None:
         """Bring the draft cache to exactly ``want`` (the draft context but its root)."""
-        s, tree, n = self.session, self.tree, len(self.cached)
+        s, tree, n = self.session, self.nodes, len(self.cached)
         if tree is not None and tree.rows:
             path = [0]
             if want[:n] == self.cached and len(want) > n and want[n] == tree.token[0]:
                 node = 0
                 for tok in want[n + 1:]:
-                    nxt = next((c.handle for c in tree.kids[node] or () if c.token == tok), None)
+                    nxt = tree.child(node, tok)
                     if nxt is None or tree.row[nxt] is None:
                         break
                     node = nxt
@@ -215,7 +371,7 @@ class ModelDrafter(Drafter):
                 self.cached += [tree.token[h] for h in path]
             else:
                 s.rollback(len(tree.rows))
-        self.tree = None
+        self.nodes = None
         same = common_prefix(self.cached, want)
         if same < len(self.cached):
             s.truncate(same)
@@ -228,18 +384,21 @@ class ModelDrafter(Drafter):
         """One draft call: the draft session verifies ``todo`` (frontier nodes of one depth) on top of the
         tree rows it holds, and each gets its ``top_k`` children."""
         start_s = self.clock()
-        start = len(draft.rows)
-        for h in todo:
-            draft.row[h] = len(draft.rows)
-            draft.rows.append(h)
-        parents = [-1 if draft.parent[h] < 0 else draft.row[draft.parent[h]] for h in draft.rows]
-        tree = Tree.from_lists([draft.token[h] for h in draft.rows], parents)
+        nodes = draft.nodes
+        start = len(nodes.rows)
+        order = nodes.rows + todo
+        row = {h: i for i, h in enumerate(order)}
+        parents = [-1 if nodes.parent[h] < 0 else row[nodes.parent[h]] for h in order]
+        tree = Tree.from_lists([nodes.token[h] for h in order], parents)
         if self.grows:
             logits = self.session.grow(tree, start).logits
         else:  # a backend without grow(): verify the whole tree again
             if start:
                 self.session.rollback(start)
             logits = self.session.verify(tree).logits[start:]
+        for h in todo:  # in the session now
+            nodes.row[h] = len(nodes.rows)
+            nodes.rows.append(h)
         self.draft.synchronize()
         logits = logits.float()
         vocab = self.target.vocab_size if self.bridge is None else logits.shape[-1]
@@ -249,11 +408,37 @@ class ModelDrafter(Drafter):
         top = logp.topk(min(self.top_k, logp.shape[-1]), dim=-1)
         values, indices = top.values.tolist(), top.indices.tolist()
         for h, vals, toks in zip(todo, values, indices):
-            draft.kids[h] = [Candidate(t, q, draft.add(h, t, q)) for t, q in zip(toks, vals) if q > float("-inf")]
-            self.top_logq = 0.9 * self.top_logq + 0.1 * vals[0]
+            nodes.kids[h] = [Candidate(t, q, nodes.add(h, t, q)) for t, q in zip(toks, vals) if q > float("-inf")]
         seconds = self.clock() - start_s
         draft.spent_seconds += seconds
-        self.costs.observe(len(todo), seconds)
+        (self.costs if draft.budget is None else self.ahead_costs).observe(len(todo), seconds)
+
+
+def _handles(draft: ModelDraft, tree: Tree) -> list[int] | None:
+    """The draft node of each node of ``tree`` (built from ``draft``), or None if the tree is not made of it."""
+    nodes, tokens, parents = draft.nodes, tree.token_list, tree.parent_list
+    if tokens[0] != nodes.token[draft.ROOT]:
+        return None
+    out = [draft.ROOT]
+    for i in range(1, len(tokens)):
+        h = nodes.child(out[parents[i]], tokens[i])
+        if h is None:
+            return None
+        out.append(h)
+    return out
+
+
+def likeliest_outcomes(tree: Tree, scores: list[float], handles: list[int]) -> list[tuple[int, set[int]]]:
+    """The ends of the accepted path, likeliest first, as (draft node, tokens of its children in the tree):
+    P(the path ends at v) = P(v) − Σ P(c) over v's children c in the tree (the bonus token after v is then
+    none of those children)."""
+    parents, tokens = tree.parent_list, tree.token_list
+    kids: list[list[int]] = [[] for _ in tokens]
+    for i in range(1, len(tokens)):
+        kids[parents[i]].append(i)
+    end = [scores[i] - sum(scores[c] for c in kids[i]) for i in range(len(tokens))]
+    order = sorted(range(len(tokens)), key=lambda i: (-end[i], i))
+    return [(handles[i], {tokens[c] for c in kids[i]}) for i in order]
 
 
 # ---------------------------------------------------------------------- loading and checks
@@ -335,6 +520,19 @@ ModelDrafter.availability = staticmethod(availability)
 ModelDrafter.auto_priority = 30  # above hybrid (20): a model of the same weights drafts far better than prompt lookup or a small head
 
 
+class AheadModelDrafter(ModelDrafter):
+    """The drafter ``model`` drafting ahead while the target verifies (``overlap=true``); never chosen by ``auto``."""
+
+    name = "model-ahead"
+
+    def __init__(self, target, overlap: bool = True, **kwargs):
+        super().__init__(target, overlap=overlap, **kwargs)
+
+
+AheadModelDrafter.availability = None
+
+
 @hookimpl
 def register_drafters(register):
     register("model", ModelDrafter)
+    register("model-ahead", AheadModelDrafter)

@@ -52,6 +52,11 @@ class Draft:
     ROOT: object = None
     lazy: bool = False
     spent_seconds: float = 0.0
+    #: Drafting ahead (see :meth:`Drafter.speculate`): seconds the drafter's own thread worked for this draft
+    #: while the target verified the previous tree, and of those how many the proposal waited for.
+    ahead_seconds: float = 0.0
+    ahead_wait_seconds: float = 0.0
+    ahead_hit: bool = False  # this draft's root had been drafted ahead
 
     def children(self, handle: object, depth: int) -> list[Candidate]:
         """Children of the node at ``handle`` (which is at ``depth``), sorted by ``logq`` descending."""
@@ -182,6 +187,15 @@ class Drafter:
     def commit(self, tokens: list[int], features: torch.Tensor | None) -> None:
         """``tokens`` (root and accepted nodes) entered the target cache, with their ``features``."""
 
+    def speculate(self, verifying: "Verifying") -> None:
+        """The target starts verifying ``verifying.tree`` now. A drafter may draft ahead on a thread of its
+        own for the likely outcomes, and use what matches in the next :meth:`propose` (which must then give
+        exactly the draft it would have given without drafting ahead, whatever the timing). Default: nothing."""
+
+    def finish(self) -> None:
+        """The request ended (done, stopped early or failed): stop and join any work of the drafter's own
+        thread. Must not raise."""
+
 
 class AcceptanceSurrogate:
     """Maps draft scores to the probability that the target accepts a node."""
@@ -258,6 +272,20 @@ class BuiltTree:
 
     tree: Tree
     scores: list[float]
+
+
+@dataclass
+class Verifying:
+    """What the engine hands :meth:`Drafter.speculate` as the target starts verifying a tree."""
+
+    built: BuiltTree  # the tree and the P(v) of each node
+    ctx: ExpansionContext  # the step's context (bounds, surrogate, cost model, D)
+    policy: ExpansionPolicy  # the policy that built the tree (a drafter may run it on a predicted next root)
+    seconds: float  # the cost model's predicted verification time: what drafting ahead can hide
+
+    @property
+    def tree(self) -> Tree:
+        return self.built.tree
 
 
 class TreeBuilder:
@@ -387,6 +415,14 @@ class StepRecord:
     predicted_verify_s: float = 0.0  # the cost model's prediction for this tree
     drafted: bool = True  # False when the draft gate skipped the drafter this step
     expand_draft_s: float = 0.0  # of draft_s: what a lazy draft's expansions took inside the policy's call
+    ahead_s: float = 0.0  # drafting for this step done on the drafter's thread during the last verification
+    ahead_wait_s: float = 0.0  # of draft_s: the proposal waiting for that thread (the part of ahead_s not hidden)
+    ahead_hit: bool = False  # the step's root had been drafted ahead (the prediction held)
+
+    @property
+    def hidden_draft_s(self) -> float:
+        """Draft seconds hidden behind the previous verification."""
+        return max(self.ahead_s - self.ahead_wait_s, 0.0)
 
 
 @dataclass
@@ -426,4 +462,5 @@ class RunStats:
             "overhead_s": round(total("overhead_s"), 4),
             "verify_s": round(total("verify_s"), 4),
             "drafted_steps": sum(r.drafted for r in self.records),
+            "hidden_draft_s": round(total("hidden_draft_s"), 4),
         }

@@ -26,6 +26,7 @@ from .components import (
     SamplingParams,
     StepRecord,
     Verifier,
+    Verifying,
 )
 from .errors import InvalidTreeError, PluginError, SpecframeError
 from .learning import StepLearning
@@ -208,16 +209,19 @@ class _Run:
             self._call(f"cost model '{names['cost_model']}'", c.cost_model.calibrate, self._timer(session), session.past)
             t0 += clock() - started
         context, out = list(self.ids), []
-        while len(out) < self.max_new:
-            committed = self.step(session, context, self.max_new - len(out))
-            out += committed
-            context += committed
-            if committed[-1] in self.eos:
-                if self.stream is not None:
-                    self.stream(committed)
-                break
-            if self.stream is not None and self.stream(committed):
-                break  # the caller asked to stop (a stop string, a client gone)
+        try:
+            while len(out) < self.max_new:
+                committed = self.step(session, context, self.max_new - len(out))
+                out += committed
+                context += committed
+                if committed[-1] in self.eos:
+                    if self.stream is not None:
+                        self.stream(committed)
+                    break
+                if self.stream is not None and self.stream(committed):
+                    break  # the caller asked to stop (a stop string, a client gone)
+        finally:
+            c.drafter.finish()  # a drafter drafting ahead on its own thread stops and joins it
         self.stats.new_tokens = len(out)
         self.stats.wall_s = clock() - t0
         self.gen.observers.run_end(self.stats)
@@ -315,6 +319,7 @@ class _Run:
         tree = built.tree
         lazy_s = draft.spent_seconds  # a draft model drafts depth by depth inside the policy's call
         predicted = self.predict_cost(tree.size, past)
+        self._call(f"drafter '{names['drafter']}'", c.drafter.speculate, Verifying(built, ctx, c.expansion, predicted))
         t2 = clock()
         fwd = session.verify(tree)
         self.t.synchronize()  # so verify_s is the forward's time, not its launch time, on a GPU
@@ -346,6 +351,9 @@ class _Run:
             predicted_verify_s=float(predicted),
             drafted=drafting,
             expand_draft_s=lazy_s,
+            ahead_s=draft.ahead_seconds,
+            ahead_wait_s=draft.ahead_wait_seconds,
+            ahead_hit=draft.ahead_hit,
         )
         learning.end_step(record)
         self.stats.records.append(record)

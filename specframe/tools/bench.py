@@ -102,7 +102,7 @@ def peer_takes_draft(target, name: str) -> bool:
 
 def with_draft_model(drafter, draft_model: str | None):
     """Drafter ``model`` (no spec of its own) becomes ``model:SPEC`` with ``--draft-model SPEC``."""
-    if draft_model and isinstance(drafter, str) and drafter == "model":
+    if draft_model and isinstance(drafter, str) and drafter in ("model", "model-ahead"):
         return f"model:{draft_model}"
     return drafter
 
@@ -129,7 +129,7 @@ def build_methods(labels: list[str], target, registry: Registry, drafter=None, p
             chosen = with_draft_model(own_drafter or drafter, draft_model)
             gen = SpecGenerator(target, policy, drafter=chosen, params=params, registry=registry, strict_params=False)
             note = None
-            if str(gen.components.names.get("drafter", "")).partition(":")[0] == "model":
+            if str(gen.components.names.get("drafter", "")).partition(":")[0] in ("model", "model-ahead"):
                 uses_draft = True
                 note = gen.described.get("details", {}).get("drafter") or f"drafter {chosen}"
             methods.append(Method(label, gen, note=note))
@@ -204,6 +204,9 @@ def run_one(method: Method, target, prompt: datasets.Prompt, max_new: int, sampl
         "context_lens": [r.context_len for r in recs],
         "draft_s": round(sum(r.draft_s for r in recs), 6),
         "overhead_s": round(sum(r.overhead_s for r in recs), 6),
+        "ahead_s": round(sum(r.ahead_s for r in recs), 6),  # drafting ahead on the drafter's thread
+        "hidden_draft_s": round(sum(r.hidden_draft_s for r in recs), 6),  # of it, behind a verification
+        "ahead_hits": sum(r.ahead_hit for r in recs),  # steps whose root had been drafted ahead
         "tau": s.tau,
     }
 
@@ -326,6 +329,13 @@ def summarize(rows: list[dict], labels: list[str], sampling: SamplingParams, pee
                 entry["host_share"] = host / (verify + draft + host) if verify + draft + host else 0.0
                 entry["step_ms"] = 1000 * (verify + draft + host) / steps
                 entry["draft_ms"], entry["verify_ms"] = 1000 * draft / steps, 1000 * verify / steps
+                ahead = sum(r.get("ahead_s", 0.0) for r in mine)
+                if ahead:  # drafting while the target verifies: what was hidden, and who waited for whom
+                    hidden = sum(r.get("hidden_draft_s", 0.0) for r in mine)
+                    entry["hidden_draft_ms"] = 1000 * hidden / steps
+                    entry["target_idle_ms"] = 1000 * draft / steps  # the target waits while the draft drafts
+                    entry["draft_idle_ms"] = 1000 * max(verify - hidden, 0.0) / steps  # the draft waits for the target
+                    entry["ahead_hit_share"] = sum(r.get("ahead_hits", 0) for r in mine) / steps
             table[lab] = entry
         t1 = _mean_verify(ok, "ar", 1)
         for lab, entry in table.items():  # what the drafts' measured acceptance allows: τ·T(1)/(D + T(n))
@@ -418,6 +428,15 @@ def render_report(summary: dict, figures: list[str]) -> str:
                       + ", ".join(f"{lab} {e['server_decode_tokens_per_s']:.1f} tokens/s"
                                   + (f" (its drafts accepted {e['server_draft_acceptance']:.0%})"
                                      if "server_draft_acceptance" in e else "") for lab, e in served.items()), ""]
+        ahead = {lab: e for lab, e in table.items() if "hidden_draft_ms" in e}
+        if ahead:
+            lines += ["Drafting while the target verifies, per step: draft time hidden behind the verification · the "
+                      "target idle (waiting for drafts: the draft time not hidden) · the draft idle (verification time "
+                      "with nothing to draft) · steps whose root had been drafted ahead:", ""]
+            lines += [f"- {lab}: hidden {e['hidden_draft_ms']:.1f} ms · target idle {e['target_idle_ms']:.1f} ms · "
+                      f"draft idle {e['draft_idle_ms']:.1f} ms · {e['ahead_hit_share']:.0%} of roots drafted ahead"
+                      for lab, e in ahead.items()]
+            lines.append("")
         gated = {lab: e["drafted_share"] for lab, e in table.items() if e.get("drafted_share", 1.0) < 1.0}
         if gated:
             lines += ["Share of steps that ran the drafter (the draft gate skipped it on the rest): "
