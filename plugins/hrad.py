@@ -4,8 +4,11 @@ Before a drafting step, H-RAD reads the TARGET's hidden state and predicts how m
 model's next greedy chain the target will accept, as one of three classes: ``"0"``, ``"1-6"``, ``"7+"``.
 A decoding policy can then pick the draft length (no draft, a short chain, a long chain) from it.
 
-What the shipped weights (``specframe/drafters/smollm2-135m-instruct/hrad.*``) are trained on
-------------------------------------------------------------------------------------------------
+Not shipped: it does not beat the confidence rule (below), so specframe ships no weights and ``specbranch``
+sizes its branches by the draft's confidence. The measured numbers are in ``docs/bench/hrad/hrad.json``.
+
+What the weights are trained on
+-------------------------------
 * Target: the embedded SmolLM2-135M-Instruct on transformers, fp32, CPU (``load_target(None, "hf")``).
   Draft: the same model's embedded 4-bit (Q4_1) GGUF on llama.cpp (``mode="fast"``).
 * Sequences: rows of ``smollm2_selfdistill.jsonl`` (the target's own greedy answers to ShareGPT prompts),
@@ -39,9 +42,11 @@ What the shipped weights (``specframe/drafters/smollm2-135m-instruct/hrad.*``) a
   0.353 vs 0.392 for the class prior), but the rule fitted for balanced accuracy (62.7 %, class ``0``
   recall 94 %) beats the class-weighted H-RAD (47.9 %) and H-RAD + draft probability (59.8 %).
 
-Rebuild the weights and metrics (CPU, one thread, ~12 min; features cached under ``--cache``)::
+Build the weights and metrics (CPU, one thread, ~12 min; features cached under ``--cache``)::
 
-    python -m specframe.plugins.hrad --out specframe/drafters/smollm2-135m-instruct --rows 160 --heldout-rows 45
+    python -m specframe.plugins.hrad --out ./hrad --rows 160 --heldout-rows 45
+
+and load them with ``HRad.load("./hrad")``.
 
 (``--rows`` rows of the training split and ``--heldout-rows`` (default rows // 4) of the held-out one.)
 This module imports neither transformers nor llama_cpp at import time; the targets load inside
@@ -66,7 +71,7 @@ CLASSES = ("0", "1-6", "7+")
 CAP = 7  # accept lengths of CAP or more are one class
 HIDDEN = 64
 CHUNK = 256  # tokens per draft verification
-DATA = Path("/work/shared/data/smollm2_selfdistill.jsonl")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_selfdistill.jsonl"  # ../shared/data of a checkout
 
 
 def _default_dir() -> Path:
@@ -124,8 +129,9 @@ class HRad:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "HRad":
-        """Load ``path`` (a ``.safetensors`` file or a directory with ``hrad.safetensors``; default: the
-        shipped weights for the embedded SmolLM2-135M-Instruct target) and its ``hrad.json``."""
+        """Load ``path`` (a ``.safetensors`` file or a directory with ``hrad.safetensors``, as ``main`` writes
+        them; default: the package's drafter directory of the embedded target, where none ship) and its
+        ``hrad.json``."""
         from safetensors.torch import load_file
 
         path = Path(path) if path is not None else _default_dir()

@@ -36,6 +36,7 @@ from specframe.clock import real_clock
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft, Verifying
 from specframe.errors import SpecframeError
 from specframe.overlap import AheadThread, CoreSplit
+from specframe.plugins.surrogates import Calibrated
 from specframe.tree import Tree, common_prefix
 
 log = logging.getLogger("specframe")
@@ -163,6 +164,10 @@ class ModelDraft(Draft):
     def expansion_seconds(self, count: int = 1) -> float:
         return self.drafter.costs.predict(count)
 
+    def ahead_expansion_seconds(self, count: int = 1) -> float | None:
+        d = self.drafter
+        return d.ahead_costs.predict(count) if d.overlap and d.ahead_costs.calls else None
+
     def expected_child_logq(self, handle, depth: int) -> float:
         return self.drafter.top_logq
 
@@ -213,7 +218,7 @@ class ModelDrafter(Drafter):
         if model is not None:  # a draft already loaded (Python API, tests)
             self.draft, why = model, ""
         else:
-            spec, why = (path, "") if path else default_draft(target)
+            spec, why = (path, "") if path else default_draft(target, self.name)
             self.draft = load_draft(spec, backend, target, registry, options)
         self.note = "; ".join(x for x in (why, getattr(self.draft, "backend_note", "")) if x)
         self.auto_note = getattr(self.draft, "backend_note", "")  # what auto chose for the draft, for one CLI line
@@ -238,6 +243,8 @@ class ModelDrafter(Drafter):
         self.ahead = AheadThread("drafter 'model'", ahead_timeout, clock)
         self.split = CoreSplit(target, self.draft, draft_threads)
         self.fresh = True  # the next proposal starts a fresh tree (a new request)
+        self.judge = Calibrated()  # where verifications end, learned from this drafter's own trees
+        self.predicted: tuple[Tree, list[float]] | None = None  # the tree being verified and its P(v)
 
     def describe(self) -> str:
         how = "through text (other tokenizer)" if self.bridge else "same tokenizer"
@@ -286,7 +293,18 @@ class ModelDrafter(Drafter):
         return self.bridge.wrap(draft, context_ids, ids) if self.bridge else draft
 
     def commit(self, tokens: list[int], features) -> None:
-        """Nothing to do now: the next proposal keeps what of this tree the target accepted (``_sync``)."""
+        """The next proposal keeps what of this tree the target accepted (``_sync``); drafting ahead, the
+        outcome also teaches the drafter's own acceptance model, which predicts where the next one ends."""
+        if self.predicted is not None:
+            tree, scores = self.predicted
+            self.predicted = None
+            path, parents, toks = [0], tree.parent_list, tree.token_list
+            for tok in tokens[1:]:
+                nxt = next((i for i in range(path[-1] + 1, tree.size) if parents[i] == path[-1] and toks[i] == tok), None)
+                if nxt is None:
+                    break
+                path.append(nxt)
+            self.judge.observe(tree, path, scores)
 
     def speculate(self, verifying: Verifying) -> None:
         """Draft ahead for the likeliest outcomes of the verification starting now (``overlap=true`` only)."""
@@ -296,7 +314,9 @@ class ModelDrafter(Drafter):
         handles = _handles(draft, verifying.tree)
         if handles is None:  # not this proposal's tree (a policy that built its own): nothing to predict
             return
-        outcomes = likeliest_outcomes(verifying.tree, verifying.built.scores, handles)
+        scores = self._judge_scores(verifying.tree)  # the drafter's own calibrated P(v), whatever the policy's surrogate
+        self.predicted = (verifying.tree, scores)
+        outcomes = likeliest_outcomes(verifying.tree, scores, handles)
         ctx = replace(verifying.ctx, surrogate=deepcopy(verifying.ctx.surrogate),
                       cost_model=deepcopy(verifying.ctx.cost_model))  # the job reads these while the step updates them
         budget = Budget(verifying.seconds, self.ahead_costs)
@@ -316,6 +336,19 @@ class ModelDrafter(Drafter):
         self.current, self.fresh = None, True
 
     # ------------------------------------------------------------------ drafting ahead
+    def _judge_scores(self, tree: Tree) -> list[float]:
+        """P(v) of every node of ``tree`` by the drafter's acceptance model (calibrated on its own verified trees)."""
+        parents, depths, logq, toks = tree.parent_list, tree.depth_list, tree.logq_list, tree.token_list
+        best: dict[int, int] = {}
+        for i in range(1, tree.size):
+            if parents[i] not in best or logq[i] > logq[best[parents[i]]]:
+                best[parents[i]] = i
+        p = [1.0] * tree.size
+        for i in range(1, tree.size):
+            first = 0 if best[parents[i]] == i else 1
+            p[i] = self.judge.score(p[parents[i]], depths[i], Candidate(toks[i], logq[i], None, 0, first))
+        return p
+
     def _draft_ahead(self, nodes: Nodes, outcomes, ctx, policy, depth: int, budget: Budget) -> None:
         """The look-ahead job: for the ``branches`` likeliest outcomes (end node v, tokens the tree gave v) that
         leave a candidate, the next root is v's best child outside the tree; the policy then expands below it
@@ -442,12 +475,12 @@ def likeliest_outcomes(tree: Tree, scores: list[float], handles: list[int]) -> l
 
 
 # ---------------------------------------------------------------------- loading and checks
-def default_draft(target) -> tuple[str, str]:
+def default_draft(target, name: str = "model") -> tuple[str, str]:
     """The draft ``--drafter model`` uses without a spec, and why: a known cheaper copy of the target."""
     alias = getattr(target, "model_alias", None)
     if alias and getattr(target, "backend", "") != "llama.cpp":
         return alias, (f"the draft is the target's own 4-bit GGUF ({alias}), the cheapest copy of its weights")
-    raise SpecframeError(f"drafter 'model' needs a draft model for target '{target.name}': --drafter model:SPEC "
+    raise SpecframeError(f"drafter '{name}' needs a draft model for target '{target.name}': --drafter {name}:SPEC "
                          f"(a smaller model of the same family, a .gguf file, a model directory or hub id)")
 
 

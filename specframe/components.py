@@ -73,6 +73,11 @@ class Draft:
         """Predicted seconds of one :meth:`expand` call over ``count`` nodes (0 for an eager draft)."""
         return 0.0
 
+    def ahead_expansion_seconds(self, count: int = 1) -> float | None:
+        """Predicted seconds of one :meth:`expand` call made ahead, while the target verifies (the draft's
+        share of the cores); None when this draft is not drafted ahead."""
+        return None
+
     def expected_child_logq(self, handle: object, depth: int) -> float:
         """The drafter's guess of the log-prob of the best child of an unexpanded ``handle`` (policies
         rank the expansion by it before paying for it)."""

@@ -37,8 +37,12 @@ DEFAULT_PLUGINS = (
     "specframe.plugins.cost_models",
     "specframe.plugins.expansion",
     "specframe.plugins.model_drafter",
+    "specframe.plugins.multi_sequence",
+    "specframe.plugins.branch",
     "specframe.policies.baselines",
     "specframe.policies.bastion",
+    "specframe.policies.duodecoding",
+    "specframe.policies.specbranch",
 )
 
 # registry kind -> the hook that fills it. A component kind is spelled as everywhere else: the PolicySpec

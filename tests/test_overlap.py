@@ -19,9 +19,9 @@ import torch
 from conftest import TinyTokenizer, make_tiny_model, new_target
 from specframe import SpecGenerator, SpecframeError
 from specframe.components import ExpansionContext, SamplingParams, TrieDraft
-from specframe.plugins.duodecoding import MultiSequence, balanced_gamma, sequence_count
+from specframe.plugins.multi_sequence import MultiSequence, balanced_gamma, sequence_count
 from specframe.plugins.model_drafter import ModelDrafter
-from specframe.plugins.specbranch import Branch
+from specframe.plugins.branch import Branch
 from specframe.plugins.surrogates import PathConfidence
 from specframe.plugins.verifiers import SampleVerifier
 from specframe.target import ForwardOut

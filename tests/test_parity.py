@@ -698,6 +698,13 @@ def test_invalid_drafts_raise_an_error_naming_the_drafter(request, tiny_target, 
         # plain lossless one
         assert gen.generate(PROMPT, 8).token_ids == plain_greedy(tiny_target.model, PROMPT, 8)
         return
+    if policy == "specbranch" and broken.startswith("dup"):
+        # one child per node where the draft is sure: the duplicate reaches the tree only where it branches
+        try:
+            assert gen.generate(PROMPT, 8).token_ids == plain_greedy(tiny_target.model, PROMPT, 8)
+        except (InvalidTreeError, PluginError) as err:
+            assert name in str(err)
+        return
     with pytest.raises(SpecframeError) as info:
         gen.generate(PROMPT, 8)
     assert isinstance(info.value, (InvalidTreeError, PluginError))

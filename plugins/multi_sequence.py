@@ -6,8 +6,9 @@ first token. The rule: with p₁ and p₂ the draft's probabilities of the greed
 the best token after it), every first-position candidate of rank 2–8 more probable than p₁·p₂ earns a
 sequence of its own, so k = 1 + their number, rounded down to a divisor of γ; sequence i is the i-th first
 token followed by the draft's greedy continuation. γ itself comes from measured times so that neither side
-idles: the largest γ whose drafting (γ draft calls at the draft's measured time per call) takes no longer
-than verifying γ + 1 tokens (the cost model's prediction). The bundle ``duodecoding`` drafts it with a
+idles: the largest γ whose drafting (γ draft calls at the draft's measured time per call — per call made
+while the target verifies, when the draft is drafted ahead) takes no longer than verifying γ + 1 tokens
+(the cost model's prediction). The bundle ``duodecoding`` drafts it with a
 draft model, ahead, while the target verifies (see :mod:`specframe.policies.duodecoding`).
 """
 
@@ -54,8 +55,9 @@ class MultiSequence(ExpansionPolicy):
     def choose_gamma(self, draft: Draft, ctx: ExpansionContext) -> int:
         if self.gamma:
             return self.gamma
-        return balanced_gamma(draft.expansion_seconds(1), lambda n: ctx.cost_model.predict(n, ctx.context_len),
-                              self.max_gamma)
+        call = draft.ahead_expansion_seconds(1)  # drafted while the target verifies: the ahead call's time
+        call = draft.expansion_seconds(1) if call is None else call
+        return balanced_gamma(call, lambda n: ctx.cost_model.predict(n, ctx.context_len), self.max_gamma)
 
     def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
         out = TreeBuilder(ctx.root_token)
