@@ -35,7 +35,7 @@ from specframe.backends import AUTO, load_target
 from specframe.clock import real_clock
 from specframe.components import Candidate, Draft, Drafter, EmptyDraft, Verifying
 from specframe.errors import SpecframeError
-from specframe.overlap import AheadThread, CoreSplit
+from specframe.overlap import AheadThread, CoreSplit, FrozenCost
 from specframe.plugins.surrogates import Calibrated
 from specframe.tree import Tree, common_prefix
 
@@ -199,13 +199,15 @@ class ModelDrafter(Drafter):
     is not in the tree), within the verification's predicted time. The next proposal waits for that thread
     and, when the committed context landed on a node drafted ahead, starts from it: its drafting is then
     already done. While they overlap, the target and the draft get ``draft_threads`` and the rest of the
-    cores. ``ahead_timeout``: seconds after which a look-ahead that does not finish ends the generation."""
+    cores. ``ahead_timeout``: seconds after which a look-ahead that does not finish ends the generation.
+    ``overlap`` defaults to false here and to true for ``model-ahead``."""
 
     name = "model"
+    OVERLAP = False  # ``overlap``'s default
 
     def __init__(self, target, registry=None, clock=real_clock, path: str | None = None, backend: str = AUTO,
                  top_k: int = 4, max_depth: int = 32, options: dict | None = None, model=None,
-                 overlap: bool = False, branches: int = 1, draft_threads: int = 1, ahead_timeout: float = 60.0):
+                 overlap: bool | None = None, branches: int = 1, draft_threads: int = 1, ahead_timeout: float = 60.0):
         if not isinstance(top_k, int) or top_k <= 0 or not isinstance(max_depth, int) or max_depth <= 0:
             raise SpecframeError(f"drafter 'model': top_k and max_depth must be positive integers, got {top_k}, {max_depth}")
         if not isinstance(branches, int) or branches <= 0 or not isinstance(draft_threads, int) or draft_threads <= 0:
@@ -228,7 +230,7 @@ class ModelDrafter(Drafter):
 
             self.bridge = TokenBridge(target, self.draft)
         check_context(target, self.draft)
-        self.overlap, self.branches = bool(overlap), branches
+        self.overlap, self.branches = bool(self.OVERLAP if overlap is None else overlap), branches
         if self.overlap and self.bridge is not None:
             raise SpecframeError("drafter 'model': overlap=true needs a draft with the target's tokenizer (this one "
                                  "drafts through text); draft serially with overlap=false")
@@ -317,8 +319,10 @@ class ModelDrafter(Drafter):
         scores = self._judge_scores(verifying.tree)  # the drafter's own calibrated P(v), whatever the policy's surrogate
         self.predicted = (verifying.tree, scores)
         outcomes = likeliest_outcomes(verifying.tree, scores, handles)
-        ctx = replace(verifying.ctx, surrogate=deepcopy(verifying.ctx.surrogate),
-                      cost_model=deepcopy(verifying.ctx.cost_model))  # the job reads these while the step updates them
+        live = verifying.ctx  # the job must not read what the step goes on updating: a copy, and frozen costs
+        ctx = replace(live, surrogate=deepcopy(live.surrogate),
+                      cost_model=FrozenCost(live.cost_model, live.context_len,
+                                                min(live.max_nodes, 2 * verifying.tree.size + 16) + 1))
         budget = Budget(verifying.seconds, self.ahead_costs)
         policy, nodes, depth = verifying.policy, self.nodes, draft.max_depth
 
@@ -557,9 +561,7 @@ class AheadModelDrafter(ModelDrafter):
     """The drafter ``model`` drafting ahead while the target verifies (``overlap=true``); never chosen by ``auto``."""
 
     name = "model-ahead"
-
-    def __init__(self, target, overlap: bool = True, **kwargs):
-        super().__init__(target, overlap=overlap, **kwargs)
+    OVERLAP = True  # the same parameters as ``model`` (a bundle's drafter.* defaults must reach them)
 
 
 AheadModelDrafter.availability = None

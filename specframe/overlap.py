@@ -95,6 +95,27 @@ class AheadThread:
             log.warning("%s", err)
 
 
+class FrozenCost:
+    """A cost model's predictions at one context, read once (on the caller's thread) for n = 1..``most``: what
+    a look-ahead job prices with while the step goes on updating the live model. Beyond ``most`` it grows by
+    the last step of the table."""
+
+    def __init__(self, cost_model, context: int, most: int):
+        self.table = [0.0] + [float(cost_model.predict(n, context)) for n in range(1, max(most, 2) + 1)]
+        self.convex_from = getattr(cost_model, "convex_from", None)
+        cap = getattr(cost_model, "max_tokens", None)
+        if cap:
+            self.max_tokens = cap
+        self.name = f"frozen {getattr(cost_model, 'name', 'cost model')}"
+
+    def predict(self, n: int, context: int) -> float:
+        t = self.table
+        return t[n] if n < len(t) else t[-1] + (n - len(t) + 1) * (t[-1] - t[-2])
+
+    def observe(self, n: int, context: int, seconds: float) -> None:
+        pass
+
+
 def share_of_cores(draft_threads: int) -> tuple[int, int]:
     """(target threads, draft threads) while both run at once: the draft's share, the rest to the target."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, make_tiny_model, new_target
-from specframe import SpecGenerator, SpecframeError
+from specframe import Registry, SpecGenerator, SpecframeError
 from specframe.components import ExpansionContext, SamplingParams, TrieDraft
 from specframe.plugins.multi_sequence import MultiSequence, balanced_gamma, sequence_count
 from specframe.plugins.model_drafter import ModelDrafter
@@ -238,6 +238,17 @@ def test_a_generation_that_fails_elsewhere_stops_the_look_ahead():
     assert gen.generate(PROMPT, 12).token_ids == reference(target, PROMPT, 12)  # the drafter works on
 
 
+def test_the_bundles_settings_reach_their_drafter():
+    target, draft = pure_pair()
+    duo = SpecGenerator(target, "duodecoding", params={"drafter.model": draft}).components.drafter
+    assert duo.overlap and duo.top_k == 8 and duo.branches == 1
+    branch = SpecGenerator(target, "specbranch", params={"drafter.model": draft}).components.drafter
+    assert branch.overlap and branch.branches == 2
+    serial = SpecGenerator(target, "duodecoding", drafter="model", params={"drafter.model": draft}).components.drafter
+    assert not serial.overlap and serial.top_k == 8
+    assert "overlap" in Registry().parameters("drafter", "model-ahead")
+
+
 def test_overlap_needs_the_targets_tokenizer_and_positive_settings():
     target = new_target("llama", seed=0)
     with pytest.raises(SpecframeError, match="branches and draft_threads"):
@@ -354,3 +365,45 @@ def test_sampling_with_a_seed_is_the_same_drafting_ahead_or_not():
         gen = SpecGenerator(target, "duodecoding:4", drafter=drafter, clock=frozen_clock)
         outs.append(gen.generate(PROMPT, 30, temperature=0.8, seed=7).token_ids)
     assert outs[0] == outs[1]
+
+
+# ------------------------------------------------------------------------------------------- cores
+class Threads:
+    def __init__(self, name: str, n: int):
+        self.name, self.n, self.calls = name, n, []
+
+    def set_threads(self, n: int) -> int:
+        before, self.n = self.n, n
+        self.calls.append(n)
+        return before
+
+
+def test_the_two_sides_share_the_cores_while_they_overlap_and_get_them_back(monkeypatch):
+    import specframe.overlap as overlap
+
+    monkeypatch.setattr(overlap.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    target, draft = Threads("t", 2), Threads("d", 2)
+    split = overlap.CoreSplit(target, draft, draft_threads=1)
+    split.enter()
+    split.enter()  # entering twice changes nothing (and forgets nothing)
+    assert (target.n, draft.n) == (1, 1)
+    split.leave()
+    assert (target.n, draft.n) == (2, 2) and target.calls == [1, 2] and draft.calls == [1, 2]
+    monkeypatch.setattr(overlap.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert overlap.share_of_cores(1) == (15, 1) and overlap.share_of_cores(4) == (12, 4)
+    blind = overlap.CoreSplit(target, object(), 1)
+    assert blind.missing == ["?"] and len(blind.sides) == 1
+
+
+def test_an_ahead_thread_runs_one_job_and_reports_its_failure_once():
+    from specframe.errors import PluginError
+    from specframe.overlap import AheadThread
+
+    worker, seen = AheadThread("drafter 'x'", timeout=30), []
+    worker.start(lambda cancelled: seen.append(cancelled.is_set()))
+    worker.wait()
+    assert seen == [False] and not worker.running
+    worker.start(lambda cancelled: 1 / 0)
+    with pytest.raises(PluginError, match="drafter 'x' failed while drafting ahead: ZeroDivisionError"):
+        worker.wait()
+    assert worker.wait() == 0.0  # nothing runs: nothing to report
