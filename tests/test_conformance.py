@@ -324,8 +324,11 @@ def test_the_embedded_q4_1_gguf_every_policy_and_the_peers_equal_plain_llamacpp(
     """SmolLM2-135M-Instruct straight from its Q4_1 file (no de-quantised copy): every policy, bastion with
     the hybrid drafter asked for by name (hidden states through the eval callback) included, and
     llama-cpp-python's own loops give the backend's plain greedy tokens. ``auto`` leaves the block drafter
-    out on this backend and says why."""
+    out on this backend and says why. The bundles that draft with a second model (which has no cheaper copy
+    here) say so in one line, and draft with the same GGUF in fast mode, ahead, when given it."""
     target = load_target(None, "llama.cpp")
+    draft = load_target(None, "llama.cpp", options={"mode": "fast"})
+    registry = Registry()
     assert target.backend == "llama.cpp" and target.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     prompts = [target.encode("Write a Python function that returns the n-th Fibonacci number."),
                target.encode("Name three rivers in Europe.")]
@@ -333,7 +336,12 @@ def test_the_embedded_q4_1_gguf_every_policy_and_the_peers_equal_plain_llamacpp(
         truth = SpecGenerator(target, "ar").generate(ids, 48).token_ids
         assert len(truth) == 48
         for policy in POLICIES:
-            gen = SpecGenerator(target, policy)
+            if registry.policy(policy).drafter.startswith("model"):
+                with pytest.raises(SpecframeError, match="needs a draft model for target"):
+                    SpecGenerator(target, policy)
+                gen = SpecGenerator(target, policy, params={"drafter.model": draft})
+            else:
+                gen = SpecGenerator(target, policy)
             assert gen.generate(ids, 48).token_ids == truth, policy
         hybrid = SpecGenerator(target, "bastion", drafter="hybrid")
         assert hybrid.components.names["drafter"] == "hybrid"
