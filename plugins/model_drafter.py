@@ -373,17 +373,27 @@ class ModelDrafter(Drafter):
     def _drafted_ahead(self, ids: list[int]) -> int | None:
         """The node of the current tree whose path is the context's tail and whose children were drafted
         (ahead), if there is one and the tree is still small enough to grow; else None."""
-        nodes, n = self.nodes, len(self.cached)
-        if nodes is None or len(nodes.rows) > CONTINUE_ROWS or len(ids) <= n or ids[n] != nodes.token[0]:
+        if self.nodes is None or len(self.nodes.rows) > CONTINUE_ROWS:
             return None
-        if ids[:n] != self.cached:
+        path = self._walk(ids)
+        if path is None or len(path) != len(ids) - len(self.cached):  # the context leaves the tree
             return None
-        node = 0
+        node = path[-1]
+        return node if node and self.nodes.kids[node] is not None else None
+
+    def _walk(self, ids: list[int]) -> list[int] | None:
+        """The nodes of the current tree along ``ids`` past the committed draft tokens, root first, as far as
+        they match; None when ``ids`` does not continue the committed tokens into this tree."""
+        tree, n = self.nodes, len(self.cached)
+        if len(ids) <= n or ids[n] != tree.token[0] or ids[:n] != self.cached:
+            return None
+        path = [0]
         for tok in ids[n + 1:]:
-            node = nodes.child(node, tok)
-            if node is None:
-                return None
-        return node if node and nodes.kids[node] is not None else None
+            nxt = tree.child(path[-1], tok)
+            if nxt is None:
+                break
+            path.append(nxt)
+        return path
 
     # ------------------------------------------------------------------ the draft session
     def _room(self) -> int:
@@ -393,17 +403,11 @@ class ModelDrafter(Drafter):
 
     def _sync(self, want: list[int]) -> None:
         """Bring the draft cache to exactly ``want`` (the draft context but its root)."""
-        s, tree, n = self.session, self.nodes, len(self.cached)
+        s, tree = self.session, self.nodes
         if tree is not None and tree.rows:
-            path = [0]
-            if want[:n] == self.cached and len(want) > n and want[n] == tree.token[0]:
-                node = 0
-                for tok in want[n + 1:]:
-                    nxt = tree.child(node, tok)
-                    if nxt is None or tree.row[nxt] is None:
-                        break
-                    node = nxt
-                    path.append(node)
+            path = self._walk(want)
+            if path is not None:
+                path = [h for h in path if tree.row[h] is not None]  # a node without a row has no children: last
                 s.keep([tree.row[h] for h in path], len(tree.rows))
                 self.cached += [tree.token[h] for h in path]
             else:
