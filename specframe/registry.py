@@ -39,10 +39,17 @@ DEFAULT_PLUGINS = (
     "specframe.plugins.model_drafter",
     "specframe.plugins.multi_sequence",
     "specframe.plugins.branch",
+    "specframe.plugins.eagle_tree",
+    "specframe.plugins.sequoia_tree",
+    "specframe.plugins.rank_blocks",
+    "specframe.plugins.multi_draft",
     "specframe.policies.baselines",
     "specframe.policies.bastion",
     "specframe.policies.duodecoding",
     "specframe.policies.specbranch",
+    "specframe.policies.eagle2",
+    "specframe.policies.sequoia",
+    "specframe.policies.specblock",
 )
 
 # registry kind -> the hook that fills it. A component kind is spelled as everywhere else: the PolicySpec
