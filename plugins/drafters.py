@@ -19,6 +19,7 @@ class NoDrafter(Drafter):
     """Proposes nothing; with it every step verifies the root alone."""
 
     name = "none"
+    sampling_q = True  # nothing to draw: any verifier works with it
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         return EmptyDraft()

@@ -204,6 +204,7 @@ class ModelDrafter(Drafter):
 
     name = "model"
     OVERLAP = False  # ``overlap``'s default
+    sampling_q = True  # the candidates' log-probs are the draft model's softmax
 
     def __init__(self, target, registry=None, clock=real_clock, path: str | None = None, backend: str = AUTO,
                  top_k: int = 4, max_depth: int = 32, options: dict | None = None, model=None,

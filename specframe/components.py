@@ -177,6 +177,10 @@ class Drafter:
     name = "drafter"
     feature_layers: tuple[int, ...] = ()
     max_depth: int = 8
+    #: Whether the log-probs of its candidates are a real distribution (a model's softmax) that children can
+    #: be drawn from at temperature > 0 (a verifier that draws children, ``multi-draft``, needs one); prompt
+    #: lookup's scores are not.
+    sampling_q: bool = False
     #: ``Gating.SOURCES`` when the drafter itself decides per step which of its sources to run.
     gating: Gating = Gating.NONE
     #: A composite drafter's draft seconds per source in its last proposal (0 for a skipped one); else None.
@@ -344,6 +348,16 @@ class Verifier:
     """Decides which path of a verified tree the target accepts. Must be exactly lossless."""
 
     name = "verifier"
+    #: True when the verifier draws the tree's children from the draft's distribution (:meth:`draw`); the
+    #: engine then refuses a drafter whose ``sampling_q`` is False.
+    draws_children: bool = False
+
+    def draw(self, built: BuiltTree, draft: Draft, rng: "Sampler") -> BuiltTree:
+        """The tree to verify, given the one the expansion policy built from ``draft``. A verifier that
+        verifies children *sampled* from the draft (SpecInfer's multi-draft sampling) keeps the policy's
+        shape and draws each node's children with ``rng``, recording what they were drawn from in
+        :attr:`Tree.proposals`. Default: the policy's tree as it is."""
+        return built
 
     def verify(self, tree: Tree, logits: torch.Tensor, rng: "Sampler") -> Verdict:
         """``logits`` is ``(n, V)``: row i is the target's next-token logits after node i."""

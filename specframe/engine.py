@@ -172,6 +172,11 @@ class SpecGenerator:
                 f"target '{self.target.name}' ({limit} tokens); shorten the prompt or lower max_new_tokens"
             )
         verifier_name, verifier = self.verifier_for(sampling)
+        if getattr(verifier, "draws_children", False) and not getattr(self.components.drafter, "sampling_q", False):
+            raise SpecframeError(
+                f"verifier '{verifier_name}' draws children from the draft's distribution, and drafter "
+                f"'{self.components.names['drafter']}' has none (its scores are not probabilities); use the "
+                "'sample' verifier with it, or a drafter with a real q (dflash, model)")
         return _Run(self, ids, max_new_tokens, verifier_name, verifier, Sampler(seed), stream).execute()
 
 
@@ -295,7 +300,13 @@ class _Run:
                 f"≤ {ctx.max_nodes} nodes, depth ≤ {ctx.max_depth}; got {tree.size - 1} nodes, depth {tree.max_depth})"
             )
         self.check_scores(built.scores, tree.size)
-        return built
+        if not getattr(self.verifier, "draws_children", False):
+            return built
+        # children drawn from the draft's q in the policy's shape (multi-draft sampling): checked like any tree
+        drawn = self._call(f"verifier '{self.verifier_name}'", self.verifier.draw, built, draft, self.sampler)
+        validate_tree(drawn.tree, self.t.vocab_size, f"verifier '{self.verifier_name}'")
+        self.check_scores(drawn.scores, drawn.tree.size)
+        return drawn
 
     def predict_cost(self, n: int, past: int) -> float:
         name = self.c.names["cost_model"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,10 @@ class Tree:
     depths: torch.Tensor  # (n,) int64
     logq: torch.Tensor  # (n,) float32, draft log-prob of each node given its parent
     source: torch.Tensor | None = None  # (n,) int64, which draft source proposed the node (optional)
+    #: Per node, what its children were drawn from, for a verifier that samples them from the draft's
+    #: distribution (see :meth:`specframe.components.Verifier.draw`); None when the children are ranked
+    #: candidates, as for every tree an expansion policy builds.
+    proposals: ClassVar[tuple | None] = None
 
     @property
     def size(self) -> int:
@@ -72,8 +77,10 @@ class Tree:
         parents: list[int],
         logq: list[float] | None = None,
         source: list[int] | None = None,
+        proposals: list | None = None,
     ) -> "Tree":
-        """Build a tree from python lists; depths are derived from ``parents``."""
+        """Build a tree from python lists; depths are derived from ``parents``. ``proposals``: see
+        :attr:`proposals` (one entry per node)."""
         n = len(tokens)
         if len(parents) != n:
             raise InvalidTreeError(f"tree has {n} tokens but {len(parents)} parents")
@@ -86,17 +93,22 @@ class Tree:
             if not 0 <= p < i:
                 raise InvalidTreeError(f"node {i} has parent {p}; parents must come first (0 <= parent < {i})")
             depths[i] = depths[p] + 1
-        for what, values in (("draft log-probs", logq), ("sources", source)):
+        for what, values in (("draft log-probs", logq), ("sources", source), ("proposals", proposals)):
             if values is not None and len(values) != n:
                 raise InvalidTreeError(f"tree has {n} tokens but {len(values)} {what}")
         if cls is not Tree:  # a subclass gets its own constructor with every tensor
+            if proposals is not None:
+                raise InvalidTreeError(f"{cls.__name__}.from_lists does not take proposals")
             return cls(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long),
                        depths=torch.tensor(depths, dtype=torch.long),
                        logq=torch.tensor(logq if logq is not None else [0.0] * n, dtype=torch.float32),
                        source=None if source is None else torch.tensor(source, dtype=torch.long))
-        return _ListTree.of(list(map(int, tokens)), list(map(int, parents)), depths,
+        tree = _ListTree.of(list(map(int, tokens)), list(map(int, parents)), depths,
                             [0.0] * n if logq is None else list(map(float, logq)),
                             None if source is None else list(map(int, source)))
+        if proposals is not None:
+            tree.__dict__["proposals"] = tuple(proposals)
+        return tree
 
     def children(self) -> list[list[int]]:
         """children[i] = indices of the children of node i (ascending)."""

@@ -157,6 +157,13 @@ def test_run_json_every_registered_policy(runner, loads, tiny):
         assert json.loads(result.stdout)["token_ids"] == expected, name
 
 
+def test_run_refuses_drawing_children_from_prompt_lookup_in_one_line(runner, loads):
+    result = runner.invoke(cli, ["run", "--prompt", PROMPT, "-n", "4", "-p", "chain", "--drafter", "ngram",
+                                 "--set", "verifier=multi-draft", "-t", "1"])
+    assert_one_line_error(result, "verifier 'multi-draft' draws children from the draft's distribution",
+                          "drafter 'ngram'", "'sample' verifier")
+
+
 def test_run_passes_target_dtype_device_to_load(runner, loads):
     result = runner.invoke(cli, ["run", "--json", "--prompt", PROMPT, "-n", "2", "--target", "some/model",
                                  "--dtype", "float64", "--device", "cpu"])
