@@ -354,3 +354,19 @@ def test_a_drafter_without_a_real_q_is_refused_in_one_line(tiny_target):
     assert "\n" not in str(err.value) and "ngram" in str(err.value) and "'sample' verifier" in str(err.value)
     assert gen.generate([5, 17, 3, 5, 17], 8).token_ids  # greedy: nothing is drawn, nothing refused
 
+
+
+def test_a_bench_method_can_name_its_own_verifier(tiny_target):
+    from specframe.errors import UnknownComponentError
+    from specframe.registry import Registry
+    from specframe.tools.bench import build_methods, check_methods
+
+    registry = Registry()
+    labels = ["ar", "best-first:8", "best-first:8+multi-draft-wor", "chain@ngram+sample"]
+    check_methods(labels, registry)
+    methods = {m.label: m for m in build_methods(labels, tiny_target, registry)}
+    assert methods["best-first:8+multi-draft-wor"].generator.components.names["verifier"] == "multi-draft-wor"
+    assert methods["best-first:8"].generator.components.names["verifier"] == "auto"
+    assert methods["chain@ngram+sample"].generator.components.names["drafter"] == "ngram"
+    with pytest.raises(UnknownComponentError):
+        check_methods(["bastion+multi-drift"], registry)

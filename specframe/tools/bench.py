@@ -77,15 +77,18 @@ def split_methods(spec: str) -> list[str]:
 
 
 def check_methods(labels: list[str], registry: Registry) -> None:
-    """Fail fast (before loading a model) on unknown names. A method is ``POLICY[:VALUE][@DRAFTER]`` or a
-    backend's peer (checked against the loaded target in :func:`build_methods`)."""
+    """Fail fast (before loading a model) on unknown names. A method is ``POLICY[:VALUE][@DRAFTER][+VERIFIER]``
+    or a backend's peer (checked against the loaded target in :func:`build_methods`)."""
     peers = known_peers(registry)
     for label in labels:
         if label not in peers:
-            policy, _, drafter = label.partition("@")
+            rest, _, verifier = label.partition("+")
+            policy, _, drafter = rest.partition("@")
             registry.policy(policy.partition(":")[0])
             if drafter:
                 registry.get("drafter", drafter.partition(":")[0])
+            if verifier:
+                registry.get("verifier", verifier)
 
 
 def peer_takes_draft(target, name: str) -> bool:
@@ -122,12 +125,14 @@ def build_methods(labels: list[str], target, registry: Registry, drafter=None, p
             run = target.peer(label, draft=draft_model) if takes else target.peer(label)
             methods.append(Method(label, run=run, note=getattr(run, "description", None)))
         else:
-            policy, _, own_drafter = label.partition("@")
+            rest, _, verifier = label.partition("+")  # a method's own verifier (e.g. bastion+multi-draft)
+            policy, _, own_drafter = rest.partition("@")
             if policy == "ar":  # the baseline stays plain: no drafter, no overrides
                 methods.append(Method(label, SpecGenerator(target, "ar", registry=registry)))
                 continue
             chosen = with_draft_model(own_drafter or drafter, draft_model)
-            gen = SpecGenerator(target, policy, drafter=chosen, params=params, registry=registry, strict_params=False)
+            method_params = {**(params or {}), "verifier": verifier} if verifier else params
+            gen = SpecGenerator(target, policy, drafter=chosen, params=method_params, registry=registry, strict_params=False)
             note = None
             if str(gen.components.names.get("drafter", "")).partition(":")[0] in ("model", "model-ahead"):
                 uses_draft = True
