@@ -356,11 +356,11 @@ def test_greedy_output_equals_ar_with_a_draft_model_on_both_runtimes(pair, kind)
     target, draft = pair(kind)
     want = reference(target, PROMPT, 24)
     for overlap in (False, True):
-        drafter = ModelDrafter(target, model=draft, overlap=overlap, top_k=10)
-        gen = SpecGenerator(target, "eagle2", drafter=drafter)
+        drafter = ModelDrafter(target, model=draft, overlap=overlap, top_k=4)  # smaller than the defaults: time
+        gen = SpecGenerator(target, "eagle2:20", drafter=drafter, params={"expansion.top_k": 4})
         out = gen.generate(PROMPT, 24)
         assert out.token_ids == want, (kind, overlap)
-        assert all(r.tree_size - 1 <= 58 and r.tree_depth <= 6 for r in out.stats.records)
+        assert all(r.tree_size - 1 <= 20 and r.tree_depth <= 6 for r in out.stats.records)
         if kind == "good":  # the target's own weights: the root's best child is always right (a tiny random
             assert out.stats.tau >= 2  # model's flat distributions make EAGLE-2's trees wide, not deep)
         assert gen.generate(PROMPT[:3] + [11], 12).token_ids == reference(target, PROMPT[:3] + [11], 12)
