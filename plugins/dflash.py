@@ -318,7 +318,8 @@ class DFlashDrafter(Drafter):
 
     name = "dflash"
 
-    def __init__(self, target=None, path: str | None = None, top_k: int = 8, block_size: int | None = None):
+    def __init__(self, target=None, path: str | None = None, top_k: int = 8, block_size: int | None = None,
+                 rank_head: str | None = None):
         if target is None:
             raise ValueError("the dflash drafter needs the target")
         require_features(target, "the dflash drafter")
@@ -341,6 +342,28 @@ class DFlashDrafter(Drafter):
         self._kv: list[list[torch.Tensor]] = []
         self._pending: list[torch.Tensor] = []
         self._len = 0
+        self.rank_head = self._load_rank_head(rank_head)
+
+    def _load_rank_head(self, rank_head: str | None):
+        """SpecBlock's rank head (see :mod:`specframe.plugins.rank_blocks`), loaded only when asked for:
+        ``"auto"`` is the ``rank_head.safetensors`` beside the checkpoint (none for a checkpoint of one's own
+        that has none; the shipped drafter's must be there), else a file or directory."""
+        if rank_head is None or rank_head is False or str(rank_head).lower() in ("", "none", "off", "false"):
+            return None
+        from specframe.plugins.rank_blocks import HEAD_FILE, RankHead
+
+        where = Path(rank_head)
+        if str(rank_head).lower() in ("auto", "true", "on"):
+            where = Path(self.path) / HEAD_FILE
+            shipped = Path(self.path).resolve().parent == shipped_drafters_dir().resolve()
+            if not where.exists() and not shipped:
+                return None
+        head = RankHead.load(where)
+        want = self.cfg.hidden_size + self.cfg.block_size - 1 + 15  # see rank_blocks.slot_features
+        if head.feature_dim != want:
+            raise SpecframeError(f"rank head {where} reads {head.feature_dim} features, this drafter gives {want}; "
+                                 f"train one for it with `python -m specframe.plugins.rank_blocks_train`")
+        return head
 
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         self._kv = [[] for _ in self.model.layers]
@@ -370,10 +393,14 @@ class DFlashDrafter(Drafter):
         ctx_kv = self._absorb()
         if not ctx_kv or ctx_kv[0][0].shape[1] == 0:
             raise SpecframeError("the dflash drafter needs at least one context token before the root")
+        return self._block(root, ctx_kv)[1]
+
+    def _block(self, root: int, ctx_kv) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MASK slots' hidden states (B−1, H) and log-probabilities (B−1, K) of the block after ``root``."""
         ids = torch.tensor([root] + [self.cfg.mask_token_id] * (self.block - 1), device=self.embed.device)
         pos = torch.arange(self._len, self._len + self.block, device=ids.device)
         h = self.model(F.embedding(ids, self.embed), pos, ctx_kv)
-        return F.log_softmax(F.linear(h[1:], self.head).float(), dim=-1)
+        return h[1:], F.log_softmax(F.linear(h[1:], self.head).float(), dim=-1)
 
     @classmethod
     def availability(cls, target) -> tuple[bool, str]:
@@ -395,10 +422,24 @@ class DFlashDrafter(Drafter):
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         if max_depth <= 0:
             return EmptyDraft()
-        logq = self.marginals(context_ids[-1])[:max_depth]
+        if self.rank_head is None:
+            logq = self.marginals(context_ids[-1])[:max_depth]
+        else:
+            with torch.inference_mode():
+                ctx_kv = self._absorb()
+                if not ctx_kv or ctx_kv[0][0].shape[1] == 0:
+                    raise SpecframeError("the dflash drafter needs at least one context token before the root")
+                h, logq = (t[:max_depth] for t in self._block(context_ids[-1], ctx_kv))
         top = logq.topk(min(self.top_k, logq.shape[-1]), dim=-1)
         ids = top.indices if self.vocab is None else self.vocab[top.indices]
-        return MarginalDraft(ids, top.values)
+        draft = MarginalDraft(ids, top.values)
+        if self.rank_head is not None:  # SpecBlock's rank classes per slot (probabilities of 1 / 2-4 / 5-10 / >10)
+            from specframe.plugins.rank_blocks import slot_features
+
+            slots = torch.arange(h.shape[0], device=h.device)
+            draft.rank_classes = self.rank_head.probs(slot_features(h, logq, slots, self.cfg.block_size - 1)).tolist()
+            draft.rank_prior = self.rank_head.prior.tolist()
+        return draft
 
 
 def shipped_drafter(target) -> Path | None:

@@ -125,6 +125,22 @@ def test_wheel_ships_the_drafters_and_maps_plugins_into_the_package(installed):
     assert seen["problems"] == [] and "dflash" in seen["plugins"] and "bastion" in seen["plugins"]
 
 
+def test_wheel_ships_the_rank_head_and_it_loads_from_package_data(installed):
+    """SpecBlock's rank head beside the shipped drafter is package data: the installed copy loads it."""
+    drafter = installed / "specframe" / "drafters" / "smollm2-135m-instruct"
+    assert (drafter / "rank_head.safetensors").is_file() and (drafter / "rank_head.json").is_file()
+    probe = _in_install(installed, sys.executable, "-c", (
+        "import json, numpy as np\n"
+        "from specframe.resources import shipped_drafters_dir\n"
+        "from specframe.plugins.rank_blocks import RankHead\n"
+        "head = RankHead.load(shipped_drafters_dir() / 'smollm2-135m-instruct')\n"
+        "p = head.probs(np.zeros((7, head.feature_dim), np.float32))\n"
+        "print(json.dumps({'dim': head.feature_dim, 'shape': list(p.shape), 'sums': p.sum(1).round(6).tolist()}))"))
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert seen["dim"] == 576 + 7 + 15 and seen["shape"] == [7, 4] and seen["sums"] == [1.0] * 7
+
+
 @pytest.mark.slow
 def test_installed_bastion_resolves_the_shipped_block_drafter(installed):
     """From the installed copy, `policies --json --target` and `run --json` on the embedded default in
