@@ -317,6 +317,7 @@ class DFlashDrafter(Drafter):
     """Drafts a block of marginals per step; keeps its own cache of context keys/values."""
 
     name = "dflash"
+    sampling_q = True  # its candidates' log-probs are the block's softmax marginals
 
     def __init__(self, target=None, path: str | None = None, top_k: int = 8, block_size: int | None = None,
                  rank_head: str | None = None):
