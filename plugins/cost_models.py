@@ -68,7 +68,7 @@ class Roofline(CostModel):
     def __init__(self, target=None, device: str = "auto", peak_flops: float | None = None,
                  bandwidth: float | None = None, window: int = 256, half_life: float = 128.0,
                  refit_every: int = 4, calibrate_sizes: tuple[int, ...] = (1, 2, 4, 16, 64), config=None,
-                 bytes_per_param: float | None = None, single_token: bool = True):
+                 bytes_per_param: float | None = None, single_token: bool = True, branch_fit: str = "descent"):
         shape = getattr(target, "shape", None) if config is None else None
         config = config if config is not None else getattr(target, "config", None)
         if shape is None and config is None:
@@ -89,6 +89,9 @@ class Roofline(CostModel):
             self.shape = ModelShape.from_config(config, bytes_per_param)
         if window <= 0 or refit_every <= 0 or half_life <= 0:
             raise ValueError("window, refit_every and half_life must be positive")
+        if branch_fit not in ("descent", "alternate"):
+            raise ValueError(f"branch_fit must be 'descent' or 'alternate', got {branch_fit!r}")
+        self.branch_fit = branch_fit
         self.alpha_c, self.beta_c, self.alpha_m, self.beta_m = 1.0, 0.0, 1.0, 0.0
         self.obs: deque = deque(maxlen=int(window))
         self.single_token = bool(single_token)
@@ -159,16 +162,41 @@ class Roofline(CostModel):
         """(α_c, β_c, α_m, β_m) fitted to seconds ``t`` with weights ``w`` at compute features ``f`` and
         memory features ``m``, from ``params``: each point goes to the branch that is the larger under the
         current lines, each branch is fitted on its points (:func:`specframe.fit.robust_line`), and again
-        until no point changes branch (at most 4 rounds)."""
-        assigned = None
+        until no point changes branch (at most 4 rounds).
+
+        With ``branch_fit="descent"`` (default) a round keeps, of the new lines, the old ones and each new
+        line beside the other old one, the pair of lowest loss on the whole window (the max of the two
+        lines against ``t``), and stops when none is lower: the loss never rises. The plain alternation
+        (``"alternate"``) can cycle between two poor pairs on a step-shaped curve — a flat curve with a
+        step between n = 2 and n = 4, as GPU profiles have, left a compute line sloping up through sizes
+        never observed (C(256) ≈ 1.6–2× C(16) where the device is flat), and returned whichever pair the
+        fourth round reached."""
+        if self.branch_fit == "alternate":
+            assigned = None
+            for _ in range(4):
+                comp = params[0] * f + params[1] >= params[2] * m + params[3]
+                if assigned is not None and np.array_equal(comp, assigned):
+                    break  # the same points on each branch: the same fits again
+                assigned = comp
+                ac, bc = fit.robust_line(f[comp], t[comp], w[comp], params[:2])
+                am, bm = fit.robust_line(m[~comp], t[~comp], w[~comp], params[2:])
+                params = (ac, bc, am, bm)
+            return params
+
+        def loss(q: tuple[float, float, float, float]) -> float:
+            pred = np.maximum(q[0] * f + q[1], q[2] * m + q[3])
+            return fit.relative_huber_loss(1.0, 0.0, pred, t, w)
+
+        best = loss(params)
         for _ in range(4):
             comp = params[0] * f + params[1] >= params[2] * m + params[3]
-            if assigned is not None and np.array_equal(comp, assigned):
-                break  # the same points on each branch: the same fits again
-            assigned = comp
             ac, bc = fit.robust_line(f[comp], t[comp], w[comp], params[:2])
             am, bm = fit.robust_line(m[~comp], t[~comp], w[~comp], params[2:])
-            params = (ac, bc, am, bm)
+            cands = [(ac, bc, am, bm), (ac, bc, *params[2:]), (*params[:2], am, bm)]
+            scored = min((loss(q), i, q) for i, q in enumerate(cands))
+            if not scored[0] < best:
+                break
+            best, params = scored[0], scored[2]
         return params
 
     def _refit_single(self) -> None:

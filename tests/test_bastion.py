@@ -264,6 +264,49 @@ def test_patience_steps_over_a_bump_in_the_cost_curve():
     assert rate(patient) > 3 * rate(greedy_stop)
 
 
+STEPPED = ("step", "stairs")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=marginal_problems(), curve=cost_curves(STEPPED), d_s=st.floats(0.0, 3.0), h=st.floats(0.0, 0.05),
+       max_nodes=BOUND_NODES, ctx_nodes=BOUND_NODES, ctx_depth=BOUND_DEPTH)
+def test_never_below_a_fixed_budget_on_a_step_shaped_cost(problem, curve, d_s, h, max_nodes, ctx_nodes, ctx_depth):
+    """On a step-shaped latency curve (flat, then a jump, then flat: a GPU's tile or wave quantisation) and
+    a per-node host time, the tree's expected rate S / (D + C(n) + h·n) is never below the best fixed
+    budget it could have chosen (best-first:k for any k within the bounds): on a plateau a node costs only
+    h, so the marginal rule keeps going past the step, and the default patience covers the jump itself."""
+    probs, tokens = problem
+    kind, fn = curve
+    draft = marginal(probs, tokens)
+    ctx = ctx_for(CurveCost(fn), max_nodes=ctx_nodes, max_depth=ctx_depth, draft_s=d_s)
+    ctx.node_seconds = h
+    cost = lambda n: fn(n) + h * n  # noqa: E731
+    rate = lambda b: sum(b.scores) / (d_s + cost(b.tree.size))  # noqa: E731
+    order = BestFirst(budget=max_nodes).expand(draft, ctx)
+    built = AdaptiveBestFirst(max_nodes=max_nodes).expand(draft, ctx)
+    check_tree(built, ctx, max_nodes)
+    assert same_prefix(built, order, built.tree.size)
+    best_fixed = max(objective(order.scores, cost, d_s))  # best-first:k is the prefix of k + 1 nodes
+    assert rate(built) >= best_fixed * (1 - 1e-9), (kind, built.tree.size)
+    for k in {min(k, max_nodes) for k in (1, 4, 16, 64, max_nodes)}:  # the fixed-budget policy itself
+        assert rate(built) >= rate(BestFirst(budget=k).expand(draft, ctx)) * (1 - 1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=marginal_problems(), cap=st.floats(0.05, 0.4), d_s=st.floats(0.0, 0.5), slope=st.floats(0.9, 1.5),
+       single=st.floats(0.6, 1.0), h=st.floats(0.0, 0.05))
+def test_cpu_like_linear_cost_low_confidence_drafts_stay_at_the_root(problem, cap, d_s, slope, single, h):
+    """A CPU, where n tree tokens cost nearly n forwards (a faster single-token path at n = 1), and drafts
+    whose tokens are accepted at most ``cap`` < 0.4 each: no tree beats the root alone."""
+    probs, tokens = problem
+    probs = np.minimum(probs, cap)
+    fn = lambda n: single if n == 1 else slope * n  # noqa: E731  (seconds, in units of one forward)
+    ctx = ctx_for(CurveCost(fn), draft_s=d_s)
+    ctx.node_seconds = h
+    built = AdaptiveBestFirst(max_nodes=256).expand(marginal(probs, tokens), ctx)
+    assert built.tree.size == 1
+
+
 def test_min_nodes_and_hard_bounds():
     probs = np.full((6, 4), 0.2)  # not worth anything under a steep cost
     steep = CurveCost(lambda n: 0.01 * n)
@@ -338,6 +381,66 @@ def test_roofline_calibrates_online_and_tracks_a_changed_machine():
     for n, c in GRID:
         assert roof.predict(n, c) == pytest.approx(slow(n, c), rel=0.05), (n, c, roof.parameters())
     assert roof.parameters()["alpha_m"] == pytest.approx(4.0, rel=0.1)
+
+
+def _fit_on_a_flat_gpu_curve(branch_fit: str) -> Roofline:
+    """A roofline calibrated as at start-up on the H200 profile (flat from n = 4 to 512, one step between
+    n = 2 and 4), then fed what BASTION's first steps verify there: trees of 9-16 nodes, some plain steps."""
+    import json
+
+    import transformers
+
+    prof = ProfileCost(str(PROFILE))
+    rng = np.random.default_rng(1)
+    data = json.loads((PROFILE.parent / "smollm2_cpu_steps.json").read_text())  # the simulations' roofline shape
+    config = transformers.LlamaConfig(**{k: v for k, v in data["config"].items() if k != "model_type"})
+    roof = Roofline(config=config, device="cpu", branch_fit=branch_fit)
+    roof.calibrate(lambda n: prof.predict(n, 100), 100)
+    for i in range(60):
+        n = 1 if i % 7 == 0 else int(rng.integers(9, 17))
+        c = int(rng.integers(120, 250))
+        roof.observe(n, c, prof.predict(n, c))
+    return roof
+
+
+def test_roofline_stays_flat_on_a_step_shaped_gpu_curve():
+    """The branch fit keeps the pair of lines of lowest loss and so settles on the flat curve; the plain
+    alternation it replaces (``branch_fit="alternate"``) cycled between two poor pairs and kept a compute
+    line sloping up through sizes never observed, so BASTION's trees stopped at a fraction of the size
+    the device verifies at no extra cost (the H200 simulation's first ~250 MT-Bench steps)."""
+    prof = ProfileCost(str(PROFILE))
+    new, old = _fit_on_a_flat_gpu_curve("descent"), _fit_on_a_flat_gpu_curve("alternate")
+    for n in (16, 64, 256, 512):
+        assert new.predict(n, 200) == pytest.approx(prof.predict(n, 200), rel=0.02), n
+    assert old.predict(256, 200) > 1.2 * prof.predict(256, 200)  # what the old fit predicted
+    draft, d_s, h = _oracle_draft(depth=10, k=8, top=0.6), 0.006, 2.7e-5
+    sizes, rates = {}, {}
+    for kind, roof in (("new", new), ("old", old)):
+        ctx = ctx_for(roof, max_nodes=512, draft_s=d_s, context=200)
+        ctx.node_seconds = h
+        built = AdaptiveBestFirst(max_nodes=512).expand(draft, ctx)
+        n = built.tree.size
+        sizes[kind], rates[kind] = n, sum(built.scores) / (d_s + prof.predict(n, 200) + h * n)
+    assert sizes["new"] > 2 * sizes["old"] and rates["new"] > rates["old"], (sizes, rates)
+    with pytest.raises(ValueError):
+        Roofline(config=_small_config(), device="cpu", branch_fit="newton")
+
+
+def test_roofline_branch_fit_never_raises_the_window_loss():
+    from specframe.fit import relative_huber_loss
+
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        roof = Roofline(config=_small_config(), device="cpu")
+        truth = _machine(roof, *rng.uniform(0.5, 4.0, 1), 1e-3, *rng.uniform(0.5, 4.0, 1), 5e-4)
+        pts = _draw_points(rng, 64)
+        f, m = (np.array([roof.features(n, c)[i] for n, c in pts]) for i in (0, 1))
+        step = np.array([n >= 4 for n, _ in pts]) * rng.uniform(0, 3e-3)  # a step the two lines cannot follow
+        t = np.array([truth(n, c) for n, c in pts]) * (1 + rng.normal(0, 0.05, len(pts))) + step
+        w = np.ones(len(t))
+        start = tuple(rng.uniform(0, 3, 4) * np.array([1, 1e-3, 1, 1e-3]))
+        loss = lambda q: relative_huber_loss(1.0, 0.0, np.maximum(q[0] * f + q[1], q[2] * m + q[3]), t, w)  # noqa: E731
+        assert loss(roof.fit_branches(f, m, t, w, start)) <= loss(start) + 1e-12, trial
 
 
 def test_roofline_ignores_bad_timings_and_needs_a_config():
