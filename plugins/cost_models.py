@@ -166,7 +166,9 @@ class Roofline(CostModel):
 
         With ``branch_fit="descent"`` (default) a round keeps, of the new lines, the old ones and each new
         line beside the other old one, the pair of lowest loss on the whole window (the max of the two
-        lines against ``t``), and stops when none is lower: the loss never rises. The plain alternation
+        lines against ``t``), and stops when none is lower: the loss never rises. (An old line is kept beside a
+        new one only once it has been fitted on data: the starting compute line predicts about nothing, and
+        kept it would never take a point.) The plain alternation
         (``"alternate"``) can cycle between two poor pairs on a step-shaped curve — a flat curve with a
         step between n = 2 and n = 4, as GPU profiles have, left a compute line sloping up through sizes
         never observed (C(256) ≈ 1.6–2× C(16) where the device is flat), and returned whichever pair the
@@ -188,15 +190,25 @@ class Roofline(CostModel):
             return fit.relative_huber_loss(1.0, 0.0, pred, t, w)
 
         best = loss(params)
+        informed = getattr(self, "_informed", (False, False))  # has each line been fitted on data yet?
         for _ in range(4):
             comp = params[0] * f + params[1] >= params[2] * m + params[3]
             ac, bc = fit.robust_line(f[comp], t[comp], w[comp], params[:2])
             am, bm = fit.robust_line(m[~comp], t[~comp], w[~comp], params[2:])
-            cands = [(ac, bc, am, bm), (ac, bc, *params[2:]), (*params[:2], am, bm)]
+            cands = [(ac, bc, am, bm)]
+            # a new line beside the other old one, unless that old one is still the uninformed start (a
+            # compute line never fitted predicts ~0, takes no point, and would then never be fitted)
+            if informed[1]:
+                cands.append((ac, bc, *params[2:]))
+            if informed[0]:
+                cands.append((*params[:2], am, bm))
             scored = min((loss(q), i, q) for i, q in enumerate(cands))
             if not scored[0] < best:
                 break
             best, params = scored[0], scored[2]
+            informed = (informed[0] or (scored[1] != 2 and int(comp.sum()) >= 2),
+                        informed[1] or (scored[1] != 1 and int((~comp).sum()) >= 2))
+        self._informed = informed
         return params
 
     def _refit_single(self) -> None:
