@@ -24,15 +24,16 @@ SHARED = ROOT.parent / "shared"
 TREE_POLICIES = ["bastion", "best-first:8", "best-first:16", "best-first:32", "eagle2", "sequoia", "specblock",
                  "static-tree", "chain"]
 SIM_POLICIES = ["bastion", "best-first:16", "best-first:32", "best-first:64", "eagle2", "sequoia", "specblock",
-                "static-tree", "chain"]
+                "static-tree", "chain", "bastion{cost_model.branch_fit=alternate}"]
 SAMPLED = "multi-draft-wor"
 
+OLD_FIT = "bastion{cost_model.branch_fit=alternate}"  # BASTION before the roofline's descent fit, side by side
 # name -> (backend, drafter, temperature, methods)
 RUNS = {
-    "hf-ngram-t0": ("hf", "ngram", 0.0, TREE_POLICIES),
-    "hf-dflash-t0": ("hf", "dflash", 0.0, TREE_POLICIES),
-    "hf-model-t0": ("hf", "model", 0.0, TREE_POLICIES),
-    "llamacpp-ngram-t0": ("llama.cpp", "ngram", 0.0, TREE_POLICIES),
+    "hf-ngram-t0": ("hf", "ngram", 0.0, TREE_POLICIES + [OLD_FIT]),
+    "hf-dflash-t0": ("hf", "dflash", 0.0, TREE_POLICIES + [OLD_FIT]),
+    "hf-model-t0": ("hf", "model", 0.0, TREE_POLICIES + [OLD_FIT]),
+    "llamacpp-ngram-t0": ("llama.cpp", "ngram", 0.0, TREE_POLICIES + [OLD_FIT]),
     "hf-dflash-t1": ("hf", "dflash", 1.0, ["bastion"] + [f"{p}+{SAMPLED}" for p in TREE_POLICIES]),
     "hf-model-t1": ("hf", "model", 1.0, ["bastion"] + [f"{p}+{SAMPLED}" for p in TREE_POLICIES]),
 }
@@ -81,7 +82,7 @@ def rows(summary: dict) -> dict[str, dict[str, dict]]:
 
 
 def policy_of(label: str) -> str:
-    return label.partition("+")[0].partition("@")[0].partition(":")[0]
+    return label.partition("{")[0].partition("+")[0].partition("@")[0].partition(":")[0]
 
 
 def best_first_best(table: dict, dataset: str) -> str | None:
@@ -141,7 +142,7 @@ def section(name: str, summary: dict, out: Path, simulated: bool) -> list[str]:
         pair = lambda key, fmt: " / ".join(fmt.format(cells[ds][key]) if ds in cells and cells[ds][key] is not None  # noqa: E731
                                            else "–" for ds in datasets)
         lines.append(f"| `{label}` | {speed} | {pair('tau', '{:.2f}')} | {pair('size', '{:.1f}')} | {pair('host_ms', '{:.1f}')} |")
-    bastion = next((m for m in table if policy_of(m) == "bastion" and "+" in m), None) or "bastion"
+    bastion = next((m for m in table if m.startswith("bastion+")), None) or "bastion"
     worse = verdicts(table, datasets, bastion)
     lines.append("")
     lines.append(f"`{bastion}` at or above every other policy (within {NOISE:.0%}): "

@@ -356,3 +356,31 @@ def test_a_peer_that_raises_is_its_rows_error_and_the_report_splits_draft_and_ve
     report = (tmp_path / "b" / "report.md").read_text()
     assert f"| {entry['draft_ms']:.1f} / {entry['verify_ms']:.1f} |" in report
     assert "| draft / verify ms per step |" in report
+
+
+# ---------------------------------------------------------------------- a method's own settings
+def test_method_labels_carry_their_own_drafter_verifier_and_settings(tiny_target):
+    from specframe.errors import SpecframeError
+    from specframe.registry import Registry
+    from specframe.tools.bench import build_methods, check_methods, parse_method, split_methods
+
+    labels = split_methods("ar,bastion{cost_model.branch_fit=alternate;max_nodes=8},static-tree{topology=2,2,1},"
+                           "best-first:4@ngram+multi-draft-wor{budget=3}")
+    assert labels == ["ar", "bastion{cost_model.branch_fit=alternate;max_nodes=8}", "static-tree{topology=2,2,1}",
+                      "best-first:4@ngram+multi-draft-wor{budget=3}"]
+    spec = parse_method(labels[3])
+    assert (spec.policy, spec.drafter, spec.verifier, spec.settings) == ("best-first:4", "ngram", "multi-draft-wor",
+                                                                         {"budget": 3})
+    registry = Registry()
+    check_methods(labels, registry)
+    methods = {m.label: m.generator for m in build_methods(labels[:3], tiny_target, registry)}
+    old = methods[labels[1]].components
+    assert old.cost_model.branch_fit == "alternate" and old.expansion.max_nodes == 8
+    assert methods[labels[2]].components.expansion.topology == (2, 2, 1)
+    for bad, needle in (("bastion{max_nodez=8}", "takes the setting 'max_nodez'"),
+                        ("bastion{cost_model.branch_fits=x}", "'cost_model.branch_fits'"),
+                        ("bastion{}", "empty settings"), ("bastion{max_nodes=8", "unbalanced braces"),
+                        ("bastion{max_nodes=8}@ngram", "settings go last")):
+        with pytest.raises(SpecframeError) as err:
+            check_methods(split_methods(bad), registry)
+        assert needle in str(err.value) and "\n" not in str(err.value), (bad, str(err.value))

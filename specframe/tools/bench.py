@@ -62,18 +62,54 @@ def baseline_peers(target) -> tuple[str, ...]:
 
 def split_methods(spec: str) -> list[str]:
     """``"ar,static-tree:2,2,1,bastion"`` → ``["ar", "static-tree:2,2,1", "bastion"]`` (pure numbers
-    continue the previous item's value)."""
+    continue the previous item's value; commas inside a method's ``{...}`` settings stay in it)."""
     out: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        if out and part.replace(".", "").isdigit() and ":" in out[-1]:
+    depth = 0
+    for part in spec.split(","):
+        if depth:  # inside a method's {settings}
             out[-1] += "," + part
         else:
-            out.append(part)
+            part = part.strip()
+            if not part:
+                continue
+            if out and part.replace(".", "").isdigit() and ":" in out[-1]:
+                out[-1] += "," + part
+            else:
+                out.append(part)
+        depth += part.count("{") - part.count("}")
+    if depth:
+        raise SpecframeError(f"unbalanced braces in --policies {spec!r}; settings look like bastion{{max_nodes=32}}")
     if not out:
         raise SpecframeError("no methods given; e.g. --policies ar,best-first:16,bastion")
     return out
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method label ``POLICY[:VALUE][@DRAFTER][+VERIFIER][{KEY=VALUE;...}]``: the policy, the drafter and
+    the verifier it runs with, and settings of its own (as ``--set`` gives every method)."""
+
+    policy: str
+    drafter: str | None
+    verifier: str | None
+    settings: dict
+
+
+def parse_method(label: str) -> MethodSpec:
+    from ..resolve import parse_overrides
+
+    rest, settings = label, {}
+    if label.endswith("}") and "{" in label:
+        rest, _, inner = label[:-1].partition("{")
+        pairs = [p for p in inner.split(";") if p.strip()]
+        if not pairs:
+            raise SpecframeError(f"method '{label}' has empty settings; e.g. bastion{{max_nodes=32}}")
+        settings = parse_overrides(pairs)
+    elif "{" in label or "}" in label:
+        raise SpecframeError(f"method '{label}': settings go last, in braces, e.g. bastion@dflash{{max_nodes=32}}")
+    rest, _, verifier = rest.partition("+")
+    policy, _, drafter = rest.partition("@")
+    return MethodSpec(policy, drafter or None, verifier or None, settings)
 
 
 def check_methods(labels: list[str], registry: Registry) -> None:
@@ -82,13 +118,44 @@ def check_methods(labels: list[str], registry: Registry) -> None:
     peers = known_peers(registry)
     for label in labels:
         if label not in peers:
-            rest, _, verifier = label.partition("+")
-            policy, _, drafter = rest.partition("@")
-            registry.policy(policy.partition(":")[0])
-            if drafter:
-                registry.get("drafter", drafter.partition(":")[0])
-            if verifier:
-                registry.get("verifier", verifier)
+            spec = parse_method(label)
+            registry.policy(spec.policy.partition(":")[0])
+            if spec.drafter:
+                registry.get("drafter", spec.drafter.partition(":")[0])
+            if spec.verifier:
+                registry.get("verifier", spec.verifier)
+            _check_settings(label, spec, registry)
+
+
+def _check_settings(label: str, spec: MethodSpec, registry: Registry) -> None:
+    """A method's own settings must each reach one of its components (unlike ``--set``, which is applied to
+    every method that takes it): a misspelt key is an error, not a silent no-op."""
+    from ..registry import COMPONENT_KINDS
+
+    chosen = dict(registry.policy(spec.policy.partition(":")[0]).components())
+    if spec.drafter:
+        chosen["drafter"] = spec.drafter
+    takes: dict[str, set[str] | None] = {}
+    for comp, name in chosen.items():
+        if comp == "verifier":
+            takes[comp] = set()  # verifiers take no settings
+        elif not isinstance(name, str):
+            takes[comp] = None
+        elif name.startswith("auto"):  # resolved only with the target: whatever some drafter takes
+            takes[comp] = {p for d in registry.names(comp) for p in registry.parameters(comp, d)}
+        else:
+            takes[comp] = set(registry.parameters(comp, name.partition(":")[0]))
+    for key in spec.settings:
+        if key in COMPONENT_KINDS:
+            continue  # swaps a component by name
+        comp, dot, param = key.partition(".")
+        if dot:
+            ok = comp in takes and (takes[comp] is None or param in takes[comp])
+        else:
+            ok = any(ps is None or key in ps for ps in takes.values())
+        if not ok:
+            raise SpecframeError(f"method '{label}': no component of policy '{spec.policy}' takes the setting "
+                                 f"'{key}' (see `specframe components`)")
 
 
 def peer_takes_draft(target, name: str) -> bool:
@@ -125,14 +192,16 @@ def build_methods(labels: list[str], target, registry: Registry, drafter=None, p
             run = target.peer(label, draft=draft_model) if takes else target.peer(label)
             methods.append(Method(label, run=run, note=getattr(run, "description", None)))
         else:
-            rest, _, verifier = label.partition("+")  # a method's own verifier (e.g. bastion+multi-draft)
-            policy, _, own_drafter = rest.partition("@")
-            if policy == "ar":  # the baseline stays plain: no drafter, no overrides
+            spec = parse_method(label)  # its own drafter, verifier and settings, if it names them
+            if spec.policy == "ar" and label == "ar":  # the baseline stays plain: no drafter, no overrides
                 methods.append(Method(label, SpecGenerator(target, "ar", registry=registry)))
                 continue
-            chosen = with_draft_model(own_drafter or drafter, draft_model)
-            method_params = {**(params or {}), "verifier": verifier} if verifier else params
-            gen = SpecGenerator(target, policy, drafter=chosen, params=method_params, registry=registry, strict_params=False)
+            chosen = with_draft_model(spec.drafter or drafter, draft_model)
+            method_params = {**(params or {}), **spec.settings}
+            if spec.verifier:
+                method_params["verifier"] = spec.verifier
+            gen = SpecGenerator(target, spec.policy, drafter=chosen, params=method_params, registry=registry,
+                                strict_params=False)
             note = None
             if str(gen.components.names.get("drafter", "")).partition(":")[0] in ("model", "model-ahead"):
                 uses_draft = True

@@ -171,10 +171,14 @@ def run_method(label: str, rows: list[TraceRow], target: SimTarget, registry: Re
                draft_s: float | None) -> dict[str, list[RunStats]]:
     """One generator for the method over every row, in the trace's order (as `bench` keeps one generator
     per method over all prompts, so what it learns carries across datasets alike); stats per dataset."""
+    from .bench import parse_method
+
+    spec = parse_method(label)  # the trace's drafts stand in for any drafter the label names
     drafter = None
-    if registry.policy(label.partition(":")[0]).drafter != "none":
+    if registry.policy(spec.policy.partition(":")[0]).drafter != "none":
         drafter, registry = trace_drafter(registry, target, rows, draft_s)
-    gen = SpecGenerator(target, label, drafter=drafter, registry=registry, clock=target.clock)
+    gen = SpecGenerator(target, spec.policy, drafter=drafter, registry=registry, clock=target.clock,
+                        params=spec.settings, strict_params=False)
     out: dict[str, list[RunStats]] = {}
     for row in rows:
         if row.output:
