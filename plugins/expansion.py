@@ -200,14 +200,22 @@ class AdaptiveBestFirst(ExpansionPolicy):
 
     With ``gate=True`` (default) the size may also be zero before drafting: the engine's
     :class:`~specframe.gate.DraftGate` skips the drafter on steps where drafting has measurably not been
-    paying for its own time (a costly drafter on a fast target, or a useless one).
+    paying for its own time (a costly drafter on a fast target, or a useless one). A drafter whose time stays
+    under ``cheap_draft`` (3 %) of a step always runs — it cannot cost more than that, and the tree is the
+    root alone where its guesses do not pay — so prompt lookup is not switched off where verification is
+    nearly free and its rare good guesses pay (simulated H200, MT-Bench: 1.23× with the gate free to stop it,
+    1.36× with it running). ``cheap_draft=0``: the gate may stop any drafter.
     """
 
     name = "adaptive-best-first"
 
-    def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0, gate: bool = True):
+    def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0, gate: bool = True,
+                 cheap_draft: float = 0.03):
         self.max_nodes = _positive("max_nodes", max_nodes)
         self.gating = Gating.DRAFT if gate else Gating.NONE
+        if not (isinstance(cheap_draft, (int, float)) and 0 <= cheap_draft < 1):
+            raise ValueError(f"cheap_draft must be a share in [0, 1), got {cheap_draft!r}")
+        self.cheap_draft = float(cheap_draft)
         if not isinstance(patience, int) or patience < 0 or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError("patience and min_nodes must be integers >= 0")
         self.patience, self.min_nodes = patience, min_nodes

@@ -126,7 +126,8 @@ class MultiDraftVerifier(Verifier):
                     i = toks.index(tok)
                     tokens.append(tok)
                     parents.append(new)
-                    node_logq.append(math.log(q[i]) if q[i] > 0 else cands[i].logq)
+                    node_logq.append(cands[i].logq)  # the draft's own score, as ranked candidates carry it (a
+                    # surrogate learning from drawn trees then reads q on the same scale it prices candidates by)
                     source.append(cands[i].source)
                     scores.append(built.scores[old_child])
                     proposals.append(None)

@@ -36,6 +36,9 @@ RUNS = {
     "llamacpp-ngram-t0": ("llama.cpp", "ngram", 0.0, TREE_POLICIES + [OLD_FIT]),
     "hf-dflash-t1": ("hf", "dflash", 1.0, ["bastion"] + [f"{p}+{SAMPLED}" for p in TREE_POLICIES]),
     "hf-model-t1": ("hf", "model", 1.0, ["bastion"] + [f"{p}+{SAMPLED}" for p in TREE_POLICIES]),
+    # the verifier alone: the same policies verifying ranked candidates (sample) and drawn ones
+    "hf-model-t1-verifiers": ("hf", "model", 1.0, [f"{p}{v}" for p in ("chain", "best-first:16", "bastion")
+                                                    for v in ("", "+multi-draft", f"+{SAMPLED}")]),
 }
 # name -> (trace, draft ms, overhead ms): the settings of the earlier H200 simulations (docs/bench/sim-h200-*)
 SIMS = {

@@ -18,8 +18,8 @@ arm without): however noisy single steps are, such a step never makes drafting l
 a source that drafts nothing worth verifying (prompt lookup on chat) is found out after a few steps and
 stays found out, however cheap it is. With
 ``cheap_share`` > 0 a source whose draft time stays under that share of the step is always run (the
-hybrid drafter's sources: ``hybrid`` sets 0.08); the engine's gate sets none, so a drafter that does not
-pay is stopped whatever its price.
+hybrid drafter's sources: ``hybrid`` sets 0.08; the engine's gate takes the policy's ``cheap_draft``, 3 % for
+BASTION, 0 to stop a drafter that does not pay whatever its price).
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ class StepLearning:
 
     @classmethod
     def for_components(cls, expansion: ExpansionPolicy, drafter: Drafter, clock: Clock = real_clock) -> "StepLearning":
-        return cls(DraftGate() if engine_gates(expansion, drafter) else None, clock)
+        if not engine_gates(expansion, drafter):
+            return cls(None, clock)
+        # a policy may let a drafter whose time stays under a share of the step always run: it cannot cost more
+        return cls(DraftGate(cheap_share=float(getattr(expansion, "cheap_draft", 0.0))), clock)
 
     def begin_step(self) -> bool:
         """Start timing a step; whether it drafts."""

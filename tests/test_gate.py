@@ -9,6 +9,8 @@ modelled cost, so every decision below is deterministic whatever the machine is 
 from __future__ import annotations
 
 import numpy as np
+
+from specframe.errors import SpecframeError
 import pytest
 import torch
 
@@ -180,15 +182,30 @@ def clock():
                          ids=["slow", "cheap"])
 def test_engine_skips_a_useless_drafter_and_keeps_a_good_one(tiny_target, reference, clock, useless_s, good_s, most,
                                                               least):
-    """Slow or cheap (2 % of a step): the engine's gate has no "cheap" exemption; what decides is whether
-    the drafts pay."""
+    """Slow, or cheap (2 % of a step) with the policy's cheap exemption off (``cheap_draft=0``): what decides is
+    whether the drafts pay."""
     target = timed(tiny_target, clock)
     useless = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, useless_s, oracle=False, clock=clock),
-                            clock=clock)
+                            params={"expansion.cheap_draft": 0.0}, clock=clock)
     assert np.mean(drafted_flags(useless, reference)[40:]) < most, useless.gate.summary()
     good = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, good_s, oracle=True, clock=clock),
                          clock=clock)
     assert np.mean(drafted_flags(good, reference, runs=3, n=120)[4:]) > least, good.gate.summary()
+
+
+def test_a_drafter_under_bastions_cheap_share_always_runs(tiny_target, reference, clock):
+    """BASTION's default ``cheap_draft`` (3 %): a useless drafter taking 2 % of a step keeps running (it cannot
+    cost more than that, and its trees stay at the root); one taking a third of a step is still stopped."""
+    target = timed(tiny_target, clock)
+    cheap = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.0002, oracle=False, clock=clock),
+                          clock=clock)
+    assert cheap.learning.gate.cheap_share == 0.03
+    assert all(drafted_flags(cheap, reference)[4:]), cheap.gate.summary()
+    slow = SpecGenerator(target, "bastion", drafter=SlowDrafter(reference, 0.02, oracle=False, clock=clock),
+                         clock=clock)
+    assert np.mean(drafted_flags(slow, reference)[40:]) < 0.25, slow.gate.summary()
+    with pytest.raises(SpecframeError, match="cheap_draft must be a share"):
+        SpecGenerator(target, "bastion", params={"expansion.cheap_draft": 1.5})
 
 
 def test_without_the_gate_every_step_drafts(tiny_target, reference, clock):
