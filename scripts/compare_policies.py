@@ -155,6 +155,29 @@ def section(name: str, summary: dict, out: Path, simulated: bool) -> list[str]:
             f"Full report: [{name}/report.md]({name}/report.md)", ""]
 
 
+def overview(out: Path, names: list[str]) -> list[str]:
+    """One row per run: each policy's speedup (MT-Bench / HumanEval), the best N for best-first."""
+    cols = ["bastion", "best-first", "eagle2", "sequoia", "specblock", "static-tree", "chain"]
+    lines = ["| run | " + " | ".join(f"`{c}`" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in names:
+        f = out / name / "summary.json"
+        if not f.is_file() or name.endswith("-verifiers"):
+            continue
+        summary = json.loads(f.read_text())
+        table, datasets = rows(summary), list(summary["datasets"])
+        cells = []
+        for col in cols:
+            labels = [m for m in table if policy_of(m) == col and "{" not in m
+                      and ("+" in m or not any("+" in k for k in table if policy_of(k) == col))]
+            best = []
+            for ds in datasets:
+                vals = [table[m][ds]["speedup"] for m in labels if ds in table[m]]
+                best.append(f"{max(vals):.2f}" if vals else "–")
+            cells.append(" / ".join(best))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(out: Path, names: list[str]) -> None:
     parts = ["# Every tree policy on the same drafts", "",
              "Made by `python scripts/compare_policies.py` (see its docstring). Each measured table is one "
@@ -163,7 +186,9 @@ def report(out: Path, names: list[str]) -> None:
              "`best-first:N` appears for several N; the best N per dataset is marked. At T = 1 every tree policy "
              f"verifies children drawn from the draft (`+{SAMPLED}`), and `bastion` with the default `sample` "
              "verifier is given for reference. Simulated tables replay a trace recorded on this machine on the "
-             "H200 Qwen3-8B latency profile (0.027 ms host time per node): they are labelled as simulation.", ""]
+             "H200 Qwen3-8B latency profile (0.027 ms host time per node): they are labelled as simulation.", "",
+             "## Overview: speedup vs `ar`, MT-Bench / HumanEval (best N for `best-first`)", "",
+             *overview(out, names), ""]
     for name in names:
         summary_file = out / name / "summary.json"
         if not summary_file.is_file():
