@@ -135,7 +135,14 @@ def verdict_tokens(tree: Tree, verdict: Verdict, vocab: int) -> tuple[int, ...]:
 
 def lossless_error(verifier: Verifier, tree: Tree, fn: TargetFn, params: SamplingParams) -> float:
     """Max |P_verifier(s) - P_target(s)| over sequences s of length m = max_depth + 1."""
-    m = tree.max_depth + 1
+    outcomes = ((verdict_tokens(tree, verdict, fn.vocab), w)
+                for verdict, w in enumerate_verdicts(verifier, tree, fn.tree_logits(tree)))
+    return distribution_error(outcomes, fn, params, tree.max_depth + 1)
+
+
+def distribution_error(outcomes, fn: TargetFn, params: SamplingParams, m: int) -> float:
+    """Max |P_produced(s) - P_target(s)| over sequences s of length ``m``, from ``outcomes``: every
+    (committed tokens, probability) a verification can produce, each extended by the target's conditionals."""
 
     def extend(dist: dict, seq: tuple[int, ...], w: float) -> None:
         if len(seq) == m:
@@ -147,8 +154,7 @@ def lossless_error(verifier: Verifier, tree: Tree, fn: TargetFn, params: Samplin
 
     produced: dict[tuple[int, ...], float] = {}
     total = 0.0
-    for verdict, w in enumerate_verdicts(verifier, tree, fn.tree_logits(tree)):
-        toks = verdict_tokens(tree, verdict, fn.vocab)
+    for toks, w in outcomes:
         assert len(toks) <= m
         total += w
         extend(produced, toks, w)

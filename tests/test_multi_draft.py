@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import new_target
-from test_lossless import ReplaySampler, TargetFn, _NeedChoice, verdict_tokens
+from test_lossless import ReplaySampler, TargetFn, _NeedChoice, distribution_error, verdict_tokens
 
 from specframe import SpecGenerator
 from specframe.components import (
@@ -130,24 +130,8 @@ def outcomes(verifier, built: BuiltTree, draft: Draft, fn: TargetFn, max_draws: 
 
 def error(verifier, built, draft, fn, params) -> float:
     """Max |P_produced(s) − P_target(s)| over sequences of length max depth + 1."""
-    m = built.tree.max_depth + 1
-
-    def extend(dist, seq, w):
-        if len(seq) == m:
-            dist[seq] = dist.get(seq, 0.0) + w
-            return
-        for y, p in enumerate(fn.probs(seq, params)):
-            if p > 0:
-                extend(dist, seq + (y,), w * p)
-
-    produced, total = {}, 0.0
-    for toks, w, _, _ in outcomes(verifier, built, draft, fn):
-        total += w
-        extend(produced, toks, w)
-    assert abs(total - 1.0) < 1e-9
-    target = {}
-    extend(target, (), 1.0)
-    return max(abs(target.get(k, 0.0) - produced.get(k, 0.0)) for k in set(target) | set(produced))
+    produced = ((toks, w) for toks, w, _, _ in outcomes(verifier, built, draft, fn))
+    return distribution_error(produced, fn, params, built.tree.max_depth + 1)
 
 
 # ------------------------------------------------------------------------------------------- exactness
