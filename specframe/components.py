@@ -418,6 +418,30 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+class TokenLogprob(NamedTuple):
+    """A committed token's log-probability under the target (its own distribution: before temperature,
+    top-k and top-p, as plain decoding computes it) and the ``top`` most likely tokens there, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], top: int) -> list[TokenLogprob]:
+    """``TokenLogprob`` of ``tokens[j]`` read from row ``rows[j]`` of a verification's ``logits`` (the row of
+    the node before it): the target's log-softmax there, and its ``top`` best tokens (0: none)."""
+    if not tokens:
+        return []
+    lp = torch.log_softmax(logits[torch.tensor(rows[: len(tokens)])].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        best = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [()] * len(tokens)
+    return [TokenLogprob(t, c, b) for t, c, b in zip(tokens, chosen, best)]
+
+
 @dataclass
 class StepRecord:
     """What happened in one draft→verify→commit step."""

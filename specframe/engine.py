@@ -25,8 +25,10 @@ from .components import (
     Sampler,
     SamplingParams,
     StepRecord,
+    TokenLogprob,
     Verifier,
     Verifying,
+    token_logprobs,
 )
 from .errors import InvalidTreeError, PluginError, SpecframeError
 from .learning import StepLearning
@@ -46,6 +48,7 @@ class Generation:
     prompt_ids: list[int]
     stats: RunStats
     components: dict | None = None  # what ran: names, details, and why ``auto`` chose what it chose
+    logprobs: list[TokenLogprob] | None = None  # per new token, when generate() was asked for them
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.summary()}
@@ -150,16 +153,24 @@ class SpecGenerator:
         top_p: float = 1.0,
         seed: int | None = None,
         chat: bool | None = None,
-        stream: Callable[[list[int]], None] | None = None,
+        stream: Callable[..., bool | None] | None = None,
+        logprobs: int | None = None,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` after ``prompt`` (text, or token ids used as they are).
 
         Stops after an EOS token (included) exactly as plain decoding would. ``stream`` receives each
         step's committed tokens; when it returns ``True`` the generation ends after that step, with the
         tokens and stats so far (as a server does for a stop string or a client that went away).
+
+        ``logprobs=k`` (k >= 0) also returns each new token's log-probability under the target and its k
+        likeliest alternatives (:class:`~specframe.components.TokenLogprob`), read from the verification's
+        logits: the target's own distribution at that token, the same whatever the policy; ``stream`` is
+        then called with ``(tokens, logprobs)``.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+            raise SpecframeError(f"logprobs must be an integer >= 0 (how many alternatives per token), got {logprobs!r}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         ids = self.prepare_prompt(prompt, chat)
         limit, what = self.target.max_context, "the context"
@@ -177,19 +188,22 @@ class SpecGenerator:
                 f"verifier '{verifier_name}' draws children from the draft's distribution, and drafter "
                 f"'{self.components.names['drafter']}' has none (its scores are not probabilities); use the "
                 "'sample' verifier with it, or a drafter with a real q (dflash, model)")
-        return _Run(self, ids, max_new_tokens, verifier_name, verifier, Sampler(seed), stream).execute()
+        return _Run(self, ids, max_new_tokens, verifier_name, verifier, Sampler(seed), stream, logprobs).execute()
 
 
 class _Run:
     """One generation's loop state (kept off the generator so generate() is re-entrant per call)."""
 
-    def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream):
+    def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream, logprobs=None):
         self.gen, self.c, self.t, self.learning = gen, gen.components, gen.target, gen.learning
         self.ids, self.max_new = ids, max_new
         self.verifier_name, self.verifier, self.sampler, self.stream = verifier_name, verifier, sampler, stream
         self.eos = set(self.t.eos_token_ids)
         self.clock = gen.clock
         self.stats = RunStats()
+        self.top_logprobs = logprobs  # None: not asked for
+        self.logprobs: list[TokenLogprob] = []  # of every committed token so far, when asked
+        self.step_logprobs: list[TokenLogprob] = []  # of the last step's tokens
 
     def _call(self, who: str, fn, *args):
         """Call a plugin method; a failure names the plugin."""
@@ -220,17 +234,25 @@ class _Run:
                 out += committed
                 context += committed
                 if committed[-1] in self.eos:
-                    if self.stream is not None:
-                        self.stream(committed)
+                    self.emit(committed)
                     break
-                if self.stream is not None and self.stream(committed):
+                if self.emit(committed):
                     break  # the caller asked to stop (a stop string, a client gone)
         finally:
             c.drafter.finish()  # a drafter drafting ahead on its own thread stops and joins it
         self.stats.new_tokens = len(out)
         self.stats.wall_s = clock() - t0
         self.gen.observers.run_end(self.stats)
-        return Generation(out, self.t.decode(out), list(self.ids), self.stats, self.gen.described)
+        return Generation(out, self.t.decode(out), list(self.ids), self.stats, self.gen.described,
+                          None if self.top_logprobs is None else self.logprobs)
+
+    def emit(self, committed: list[int]):
+        """Hand a step's tokens (and their log-probs, when asked) to the stream callback; its answer."""
+        if self.stream is None:
+            return None
+        if self.top_logprobs is None:
+            return self.stream(committed)
+        return self.stream(committed, self.step_logprobs)
 
     def _timer(self, session):
         """``measure(n)``: seconds of one real verification of an n-token chain at the current context."""
@@ -344,6 +366,9 @@ class _Run:
             committed.append(tok)
             if tok in self.eos or len(committed) == remaining:
                 break
+        if self.top_logprobs is not None:  # token j of the step was predicted by the row of path node j
+            self.step_logprobs = token_logprobs(fwd.logits, path, committed, self.top_logprobs)
+            self.logprobs += self.step_logprobs
         feats = None if fwd.features is None else fwd.features[torch.tensor(path)]
         self._call(f"drafter '{names['drafter']}'", c.drafter.commit, [tokens[i] for i in path], feats)
         self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
