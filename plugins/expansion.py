@@ -205,13 +205,21 @@ class AdaptiveBestFirst(ExpansionPolicy):
     root alone where its guesses do not pay — so prompt lookup is not switched off where verification is
     nearly free and its rare good guesses pay (simulated H200, MT-Bench: 1.23× with the gate free to stop it,
     1.36× with it running). ``cheap_draft=0``: the gate may stop any drafter.
+
+    Serving many requests at once (``specframe serve``), ``batch_budget=True`` (default) sizes all their trees
+    together with :meth:`expand_batch`: one target call verifies them all, so a node is worth adding where it
+    raises the whole call's tokens per second most. ``batch_budget=False``: each request's tree is sized as
+    if it were verified alone.
     """
 
     name = "adaptive-best-first"
 
     def __init__(self, max_nodes: int = 256, patience: int = 16, min_nodes: int = 0, gate: bool = True,
-                 cheap_draft: float = 0.03):
+                 cheap_draft: float = 0.03, batch_budget: bool = True):
         self.max_nodes = _positive("max_nodes", max_nodes)
+        if not isinstance(batch_budget, bool):
+            raise ValueError(f"batch_budget must be true or false, got {batch_budget!r}")
+        self.batch_budget = batch_budget  # serving a batch: one budget across it (False: each request alone)
         self.gating = Gating.DRAFT if gate else Gating.NONE
         if not (isinstance(cheap_draft, (int, float)) and 0 <= cheap_draft < 1):
             raise ValueError(f"cheap_draft must be a share in [0, 1), got {cheap_draft!r}")
@@ -221,40 +229,63 @@ class AdaptiveBestFirst(ExpansionPolicy):
         self.patience, self.min_nodes = patience, min_nodes
 
     def expand(self, draft: Draft, ctx: ExpansionContext) -> BuiltTree:
-        out = TreeBuilder(ctx.root_token)
-        limit = min(self.max_nodes, ctx.max_nodes)
-        frontier = Frontier(draft, ctx, min(ctx.max_depth, draft.max_depth))
-        if not frontier:  # nothing drafted (or the gate skipped the drafter): the root alone, as plain decoding
-            return out.build()
-        cost, c, d, h = ctx.cost_model, ctx.context_len, ctx.draft_seconds, ctx.node_seconds
+        return self.expand_batch([draft], [ctx])[0]
+
+    def expand_batch(self, drafts: Sequence[Draft], ctxs: Sequence[ExpansionContext]) -> list[BuiltTree]:
+        """One budget for a batch of requests verified in ONE target call (continuous batching): the next
+        node goes to whichever request's best remaining candidate raises the whole call's expected tokens
+        per second most, under the cost of the whole call — S is the batch's Σ P (every root counts 1),
+        C(N) the cost model's time for all N tokens of the call at the requests' summed context, D the
+        step's draft and host seconds (``ctxs[0]``'s, which the engine learns per batch step). With one
+        request this is exactly :meth:`expand`. Each request keeps its own bounds and a prefix of its own
+        best-first order, so its tree is valid for its own verifier."""
+        outs = [TreeBuilder(ctx.root_token) for ctx in ctxs]
+        limits = [min(self.max_nodes, ctx.max_nodes) for ctx in ctxs]
+        fronts = [Frontier(d, ctx, min(ctx.max_depth, d.max_depth)) for d, ctx in zip(drafts, ctxs)]
+        lead = ctxs[0]
+        cost, c, d, h = lead.cost_model, sum(ctx.context_len for ctx in ctxs), lead.draft_seconds, lead.node_seconds
         convex_from = getattr(cost, "convex_from", None)
-        s, c_now = 1.0, cost.predict(1, c) + h
-        best_rate, best_size, since_best = s / (d + c_now), 1, 0
-        sums = [(s, c_now)]  # (S, C(n)) of every prefix of the best-first order, for a D that grows
-        while frontier and out.drafted < limit:
+        roots = len(ctxs)
+        s, tokens = float(roots), roots  # S (Σ P, roots included) and N (tokens in the call)
+        c_now = cost.predict(tokens, c) + h * tokens
+        best_rate, best_taken, since_best = s / (d + c_now), 0, 0
+        sums = [(s, c_now)]  # (S, C(N)) of every prefix of the batch's best-first order, for a D that grows
+        order: list[int] = []  # which request took each node, in order
+
+        def best() -> int | None:  # the request whose best remaining candidate is the most likely
+            open_ = [r for r, f in enumerate(fronts) if f and outs[r].drafted < limits[r]]
+            return max(open_, key=lambda r: fronts[r].best_score(), default=None)
+
+        while (r := best()) is not None:
+            frontier, draft = fronts[r], drafts[r]
             p = frontier.best_score()
-            c_next = cost.predict(len(out) + 1, c) + h * (len(out) + 1)
+            c_next = cost.predict(tokens + 1, c) + h * (tokens + 1)
             if frontier.top_pending():  # the best next thing costs a draft call first
                 if p * (d + c_now) > s * (c_next - c_now + draft.expansion_seconds(1)):
                     d += draft.expansion_seconds(frontier.expand_top(_joins(draft, s, d + c_now, c_next - c_now)))
                     # draft time spent counts for every prefix alike: the best prefix under the new D
-                    best_size = max(range(len(sums)), key=lambda i: sums[i][0] / (d + sums[i][1])) + 1
-                    best_rate = sums[best_size - 1][0] / (d + sums[best_size - 1][1])
+                    best_taken = max(range(len(sums)), key=lambda i: sums[i][0] / (d + sums[i][1]))
+                    best_rate = sums[best_taken][0] / (d + sums[best_taken][1])
                 else:
                     frontier.drop_top()
                 continue
+            drafted = tokens - roots + 1  # (with one request: the tree's size so far)
             gain = p * (d + c_now) > s * (c_next - c_now)
-            if not gain and len(out) > self.min_nodes:
+            if not gain and drafted > self.min_nodes:
                 since_best += 1
-                if since_best > self.patience or (convex_from is not None and len(out) >= convex_from):
+                if since_best > self.patience or (convex_from is not None and tokens >= convex_from):
                     break
-            frontier.take(out)
-            s, c_now = s + p, c_next
+            frontier.take(outs[r])
+            order.append(r)
+            s, c_now, tokens = s + p, c_next, tokens + 1
             sums.append((s, c_now))
             rate = s / (d + c_now)
-            if rate > best_rate or len(out) <= self.min_nodes + 1:
-                best_rate, best_size, since_best = rate, len(out), 0
-        return _prefix(out, best_size)
+            if rate > best_rate or drafted <= self.min_nodes:
+                best_rate, best_taken, since_best = rate, len(order), 0
+        kept = [1] * roots  # each request's nodes within the best prefix of the batch's order
+        for r in order[:best_taken]:
+            kept[r] += 1
+        return [_prefix(out, size) for out, size in zip(outs, kept)]
 
 
 def _joins(draft: Draft, s: float, base: float, step: float):
