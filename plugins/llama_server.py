@@ -38,6 +38,14 @@ on for every speculation but ``ngram-simple``, which only reads the request's ow
 done by ``run.prepare()`` before it starts the clock; a ``run`` that still needs one does it first and
 reports it as ``last_timings["restart_ms"]``.
 
+Serving (``scripts/bench_serve.py``): ``parallel=N`` starts the server with ``-np N`` slots (give ``n_ctx`` =
+N × the context of one slot: without ``-kvu`` llama-server splits ``-c`` evenly among its slots, and with an
+explicit ``-np`` its unified KV cache is off by default), ``extra_args`` appends flags, and
+:meth:`LlamaServerPeer.stream` sends one streamed greedy ``/completion`` (token ids in, token ids out, no prompt
+cache) that is safe to call from several threads at once: concurrent calls are concurrent requests, which the
+server decodes together (continuous batching, on by default). The defaults (``parallel=1``, no extra flags)
+are the peer ``specframe bench`` runs.
+
 Draft model (``llama-server-draft``): ``--spec-type draft-simple -md DRAFT.gguf`` (this llama.cpp's names:
 ``-md`` is ``--spec-draft-model``; ``draft-simple`` is the type of a plain draft model, beside
 ``draft-eagle3``/``draft-mtp``/``draft-dflash``/``draft-dspark``), with llama.cpp's own draft settings
@@ -60,6 +68,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from specframe.errors import SpecframeError
 from specframe.target import cache_dir
@@ -116,7 +125,7 @@ class LlamaServerPeer:
     def __init__(self, gguf_path: str | Path, threads: int, n_ctx: int, spec: str | None = None,
                  flash_attn: bool = True, *, draft_model: str | Path | None = None, note: str = "",
                  fresh_per_request: bool | None = None, binary: str | Path | None = None,
-                 ready_timeout_s: float = READY_TIMEOUT_S):
+                 ready_timeout_s: float = READY_TIMEOUT_S, parallel: int = 1, extra_args: Sequence[str] = ()):
         if spec is not None and spec not in SPEC_ARGS:
             raise SpecframeError(f"unknown llama-server speculation '{spec}'; known: {', '.join(SPEC_ARGS)}")
         if (spec in DRAFT_MODEL_SPECS) != (draft_model is not None):
@@ -131,6 +140,10 @@ class LlamaServerPeer:
         self.flash_attn = bool(flash_attn)
         self.fresh_per_request = spec not in STATELESS_SPEC if fresh_per_request is None else fresh_per_request
         self.ready_timeout_s = ready_timeout_s
+        self.parallel = int(parallel)  # -np: server slots (requests decoded together)
+        if self.parallel < 1:
+            raise SpecframeError(f"llama-server needs at least one slot, got parallel={parallel}")
+        self.extra_args = [str(a) for a in extra_args]
         self.last_timings: dict = {}
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -142,14 +155,14 @@ class LlamaServerPeer:
     # ------------------------------------------------------------------ process
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.gguf_path), "--host", "127.0.0.1", "--port", str(self.port),
-               "-t", str(self.threads), "-tb", str(self.threads), "-c", str(self.n_ctx), "-np", "1",
+               "-t", str(self.threads), "-tb", str(self.threads), "-c", str(self.n_ctx), "-np", str(self.parallel),
                "-b", "512", "-ub", "512", "-fa", "on" if self.flash_attn else "off",
                "--cache-ram", "0", "--no-webui", "--log-colors", "off"]
         if self.spec is not None:
             cmd += ["--spec-type", self.spec, *SPEC_ARGS[self.spec]]
         if self.draft_model is not None:
             cmd += ["-md", str(self.draft_model)]
-        return cmd
+        return cmd + self.extra_args
 
     def description(self) -> str:
         """What this server runs, in words (bench's report notes it for draft-model peers)."""
@@ -275,6 +288,47 @@ class LlamaServerPeer:
         self.last_timings.clear()  # one dict, updated in place: runner()'s run.last_timings is this dict
         self.last_timings.update(timings)
         return [int(t) for t in reply.get("tokens") or []][:max_new_tokens]
+
+    def stream(self, ids: list[int], max_new_tokens: int, *, timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+        """One streamed greedy generation for prompt ``ids`` on ``/completion`` (sent whole, no prompt cache),
+        timed on the client: ``token_ids`` (ending with the end-of-generation token when one came),
+        ``ttft_s`` (from sending to the first chunk with a token), ``total_s`` (to the last chunk),
+        ``stop_type`` and the server's ``timings``. Keeps no state, so threads may call it concurrently (one
+        request each; the server decodes up to ``parallel`` of them together)."""
+        if self.proc is None:
+            raise SpecframeError("this llama-server peer is closed")
+        body = {"prompt": [int(t) for t in ids], "n_predict": int(max_new_tokens), "stream": True,
+                "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+                "samplers": SAMPLERS, "ignore_eos": False, "return_tokens": True, "cache_prompt": False}
+        request = urllib.request.Request(self._url("/completion"), data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        tokens: list[int] = []
+        first = None
+        last: dict = {}
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                for line in reply:
+                    if not line.startswith(b"data: "):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise SpecframeError(f"llama-server: {chunk['error']}")
+                    new = chunk.get("tokens") or []
+                    if new and first is None:
+                        first = time.perf_counter()
+                    tokens += [int(t) for t in new]
+                    if chunk.get("stop"):
+                        last = chunk
+                        break
+        except urllib.error.HTTPError as err:
+            raise SpecframeError(f"llama-server answered HTTP {err.code}: "
+                                 f"{' '.join(err.read().decode('utf-8', 'replace').split())}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise SpecframeError(f"llama-server did not answer ({err}; log: {self.log_tail()})") from None
+        end = time.perf_counter()
+        return {"token_ids": tokens[:max_new_tokens], "ttft_s": (first or end) - start, "total_s": end - start,
+                "stop_type": last.get("stop_type"), "timings": last.get("timings") or {}}
 
     def prepare(self) -> float:
         """Make the server fresh for the next request where speculation keeps state across requests (a
