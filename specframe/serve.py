@@ -12,6 +12,10 @@ policy's components and their learned calibration are shared by every request):
 
 A bounded queue answers 503 with ``Retry-After`` when full; a client that disconnects stops its generation
 at the next step. Bad input gets a 4xx with an OpenAI-shaped body ``{"error": {message, type, param, code}}``.
+No request field is ignored in silence: every OpenAI field is implemented (``logprobs`` included, from the
+target's own distribution), accepted as metadata that changes no output (:data:`ACCEPTED`), accepted at its
+no-op value only (:data:`NO_OP`; another value is a 400 ``unsupported_field`` naming it), and anything
+else is a 400 ``unknown_field``.
 
 >>> app = create_app(SpecGenerator(target, "bastion"), model_name="my-model")   # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)                               # doctest: +SKIP
@@ -28,18 +32,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .components import StepRecord
+from .components import StepRecord, TokenLogprob
 from .engine import SpecGenerator
 from .errors import SpecframeError
 
@@ -77,35 +81,144 @@ def validation_error(err: RequestValidationError) -> APIError:
                         code="invalid_json")
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
+    if kind == "extra_forbidden":  # not an OpenAI field (nor one of ours): a typo is never ignored in silence
+        path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+        return APIError(400, f"unknown field '{path}': not an OpenAI API field this server knows (a typo?)",
+                        param=path, code="unknown_field")
     if kind == "missing":
         return APIError(400, f"'{where}' is required", param=param, code="missing_field")
     return APIError(400, f"{where}: {message.removeprefix('Value error, ')}", param=param, code="invalid_value")
 
 
 # ---------------------------------------------------------------------- request models
+# What the server does with every field of the OpenAI chat-completions and (legacy) completions requests.
+# A field is one of: implemented; accepted metadata that changes no output (ignored, listed in ACCEPTED);
+# accepted only at its no-op value (NO_OP: anything else is a 400 "unsupported_field" naming it); or not an
+# OpenAI field at all (a 400 "unknown_field": a typo such as ``max_token`` is never ignored in silence).
+# ``null`` is the same as leaving a field out, as OpenAI reads it.
+ACCEPTED = {  # harmless metadata and hints: accepted and ignored (no effect on the output)
+    "user": "an end-user id (OpenAI uses it for abuse monitoring)",
+    "safety_identifier": "an end-user id (OpenAI uses it for abuse monitoring)",
+    "metadata": "key-value labels for stored completions (nothing is stored here)",
+    "prompt_cache_key": "a prompt-caching hint",
+    "prompt_cache_retention": "a prompt-caching hint",
+    "prompt_cache_options": "a prompt-caching hint",
+    "parallel_tool_calls": "meaningless without tools",
+}
+
+
+@dataclass(frozen=True)
+class _NoOp:
+    accepts: Callable[[Any], bool]  # True for a value that changes nothing
+    shown: str  # the accepted value(s), as the error message names them
+    why: str  # what the server lacks
+
+
+_NEVER = lambda v: False  # noqa: E731 - a field with no no-op value (only null/absent is accepted)
+NO_OP: dict[str, _NoOp] = {
+    "frequency_penalty": _NoOp(lambda v: v == 0 and not isinstance(v, bool), "0", "no repetition penalties"),
+    "presence_penalty": _NoOp(lambda v: v == 0 and not isinstance(v, bool), "0", "no repetition penalties"),
+    "logit_bias": _NoOp(lambda v: v == {}, "{}", "no logit bias"),
+    "response_format": _NoOp(lambda v: v == {"type": "text"}, '{"type": "text"}',
+                             "no structured output (json_object, json_schema)"),
+    "tools": _NoOp(lambda v: v == [], "[]", "no tool calling"),
+    "tool_choice": _NoOp(lambda v: v == "none", '"none"', "no tool calling"),
+    "functions": _NoOp(lambda v: v == [], "[]", "no function calling"),
+    "function_call": _NoOp(lambda v: v == "none", '"none"', "no function calling"),
+    "audio": _NoOp(_NEVER, "null", "text output only"),
+    "modalities": _NoOp(lambda v: v == ["text"], '["text"]', "text output only"),
+    "prediction": _NoOp(_NEVER, "null", "no predicted outputs"),
+    "reasoning_effort": _NoOp(_NEVER, "null", "no reasoning control"),
+    "verbosity": _NoOp(lambda v: v == "medium", '"medium"', "no verbosity control"),
+    "web_search_options": _NoOp(_NEVER, "null", "no web search"),
+    "moderation": _NoOp(_NEVER, "null", "no moderation"),
+    "service_tier": _NoOp(lambda v: v in ("auto", "default"), '"auto" or "default"', "one service tier"),
+    "store": _NoOp(lambda v: v is False, "false", "completions are not stored"),
+    # legacy completions
+    "echo": _NoOp(lambda v: v is False, "false", "no echo of the prompt"),
+    "best_of": _NoOp(lambda v: v == 1 and not isinstance(v, bool), "1", "one sequence per request"),
+    "suffix": _NoOp(lambda v: v == "", '""', "no insertion (suffix)"),
+}
+
+def unsupported(param: str, why: str, accepted: str | None = None) -> APIError:
+    """The 400 for a field (or value) this server does not implement."""
+    tail = f"; omit it, or send null or {accepted}" if accepted and accepted != "null" else "; omit it or send null"
+    return APIError(400, f"'{param}' is not supported by this server ({why}){tail}", param, "unsupported_field")
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted: no obfuscation padding is ever added
 
 
 class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    """A part of a message's content; only ``text`` parts are supported (the others are named in the 400)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    name: Any = None  # the rest: declared so that they get "not supported" (see check_messages), not "unknown"
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
 
     def as_template_dict(self) -> dict[str, str]:
         """``{role, content}`` for the chat template (content parts joined; developer → system)."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        content = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class _Sampling(BaseModel):
-    """The fields both endpoints share, as the OpenAI API defines them (plus ``top_k``)."""
+def check_messages(messages: list[ChatMessage]) -> None:
+    """A 400 naming ``messages[i]....`` for what the server cannot honour (tools, non-text parts, names) or a
+    message without content: OpenAI requires content except on an assistant message with tool calls, and
+    tool calls are not supported here, so null content is a 400 for every role."""
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if m.role in ("tool", "function"):
+            raise unsupported(f"{at}.role", f"a '{m.role}' message answers a tool call, and there is no tool calling")
+        for name, why, noop in (("tool_calls", "no tool calling", []), ("tool_call_id", "no tool calling", None),
+                                ("function_call", "no function calling", None), ("audio", "text only", None),
+                                ("refusal", "no refusals", None),
+                                ("name", "the chat template gets each message's role and content only", None)):
+            value = getattr(m, name)
+            if value is not None and value != noop:
+                raise unsupported(f"{at}.{name}", why)
+        if m.content is None:
+            raise APIError(400, f"'{at}.content' is null: a {m.role} message needs content (a string or a list of "
+                                "text parts)", f"{at}.content", "invalid_value")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            where = f"{at}.content[{j}]"
+            if part.type != "text":
+                raise unsupported(f"{where}.type", f"content parts of type '{part.type}': text parts only", '"text"')
+            if part.text is None:
+                raise APIError(400, f"'{where}.text' is required in a text part", f"{where}.text", "missing_field")
+            extra = [k for k in ("image_url", "input_audio", "file", "refusal") if getattr(part, k) is not None]
+            if extra:
+                raise APIError(400, f"unknown field '{where}.{extra[0]}' in a text part", f"{where}.{extra[0]}",
+                               "unknown_field")
 
-    model_config = ConfigDict(extra="ignore")
+
+class _Sampling(BaseModel):
+    """The fields both endpoints share, as the OpenAI API defines them (plus ``top_k``); see :data:`NO_OP`
+    and :data:`ACCEPTED` for the rest of OpenAI's fields, and :meth:`check` for their values."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
@@ -117,6 +230,17 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    # accepted and ignored (ACCEPTED), or accepted at their no-op value only (NO_OP)
+    user: str | None = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """``null`` is the field's default, as OpenAI reads it (clients send ``"temperature": null``)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("n")
     @classmethod
@@ -133,6 +257,17 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    def check(self) -> None:
+        """A 400 ``unsupported_field`` for the first field set to a value the server does not implement."""
+        for name in sorted(self.model_fields_set & NO_OP.keys()):
+            rule, value = NO_OP[name], getattr(self, name)
+            if value is not None and not rule.accepts(value):
+                raise unsupported(name, rule.why, rule.shown)
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token the engine should return (None: no logprobs)."""
+        return None
+
     def token_limit(self) -> tuple[int | None, str]:
         """(the limit the client set, or None; the field it came from)."""
         return (self.max_tokens if "max_tokens" in self.model_fields_set else None), "max_tokens"
@@ -141,6 +276,39 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # metadata (ACCEPTED)
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    parallel_tool_calls: bool | None = None
+    # not implemented: their no-op values only (NO_OP)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    service_tier: Any = None
+    store: Any = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' requires 'logprobs': true", "top_logprobs", "invalid_value")
+        check_messages(self.messages)
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
@@ -151,6 +319,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, gt=0)  # the OpenAI default for completions
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
+    # not implemented: their no-op values only (NO_OP)
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -161,6 +334,9 @@ class CompletionRequest(_Sampling):
             return prompt[0]
         return prompt
 
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
 
 # ---------------------------------------------------------------------- incremental text
 class TextStream:
@@ -169,7 +345,12 @@ class TextStream:
     Decodes the whole id list each time and releases only the part that is final: a trailing U+FFFD (an
     incomplete multi-byte character) and any tail that could still become a stop string are held back.
     Once a stop string appears the text is cut before it, exactly where plain decoding + that stop would
-    cut it, and :attr:`stopped` turns true."""
+    cut it, and :attr:`stopped` turns true.
+
+    With per-token ``entries`` (the engine's log-probs) it also releases each token's entry with the delta
+    that completes the token's text (:meth:`step`, :meth:`end`): never one of a token past a stop cut, and
+    in all exactly :attr:`token_count` of them, each paired with where its text starts in the completion
+    (characters; a token inside a character starts where that character does)."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str] | None = None):
         self.decode, self.stops = decode, list(stops or [])
@@ -177,12 +358,32 @@ class TextStream:
         self.sent = ""
         self.stopped = False
         self.kept_tokens = 0  # with a stop: the fewest tokens whose text contains it
+        self._finished = False
+        self._entries: list | None = None  # per token, when given
+        self._ends: list[int] = []  # per token: the length of the text through it (its entry waits for that much)
+        self._starts: list[tuple[int, str]] = []  # per token: the text before it, less a trailing U+FFFD run (its
+        # length, and that run: the run is text before it too where the final text has U+FFFD there as well)
+        self.released: list[tuple[Any, int]] = []  # (entry, text offset) of every token released so far
 
-    def push(self, new_ids: list[int]) -> str:
-        """Add one step's tokens; return the text that is now safe to send."""
+    def push(self, new_ids: list[int], entries: list | None = None) -> str:
+        """Add one step's tokens (and, optionally, one entry per token); return the text now safe to send."""
         before = len(self.ids)
         self.ids += new_ids
         text = self.decode(self.ids)
+        if entries is not None:
+            if len(entries) != len(new_ids):
+                raise ValueError(f"{len(entries)} entries for {len(new_ids)} tokens")
+            if self._entries is None:
+                self._entries = [None] * before
+                self._ends, self._starts = [0] * before, [(0, "")] * before
+            previous = self.decode(self.ids[:before]) if before else ""
+            for k in range(before + 1, len(self.ids) + 1):
+                upto = text if k == len(self.ids) else self.decode(self.ids[:k])
+                stable = len(previous.rstrip("\ufffd"))
+                self._starts.append((stable, previous[stable:]))
+                self._ends.append(len(upto))
+                previous = upto
+            self._entries += entries
         if self._stop_at(text) is not None:  # cut where plain decoding would: at the first token completing a stop
             self.stopped = True
             self.kept_tokens = self._tokens_until_stop(before)
@@ -192,9 +393,43 @@ class TextStream:
 
     def finish(self) -> str:
         """The rest of the text after the last step."""
+        self._finished = True
         if self.stopped:
             return ""
         return self._release(self.decode(self.ids))
+
+    def step(self, new_ids: list[int], entries: list | None = None) -> tuple[str, list[tuple[Any, int]]]:
+        """:meth:`push`, and the ``(entry, text offset)`` of the tokens whose text is now all sent."""
+        return self.push(new_ids, entries), self.take_entries()
+
+    def end(self) -> tuple[str, list[tuple[Any, int]]]:
+        """:meth:`finish`, and the entries of every kept token not yet released."""
+        return self.finish(), self.take_entries()
+
+    def take_entries(self) -> list[tuple[Any, int]]:
+        """The ``(entry, text offset)`` pairs released since the last call (none without entries)."""
+        if self._entries is None:
+            return []
+        done = len(self.released)
+        if self.stopped:
+            upto = self.kept_tokens
+        elif self._finished:
+            upto = len(self._entries)
+        else:
+            upto = done
+            while upto < len(self._entries) and self._ends[upto] <= len(self.sent):
+                upto += 1
+        out = [(self._entries[i], self._offset(i)) for i in range(done, upto)]
+        self.released += out
+        return out
+
+    def _offset(self, i: int) -> int:
+        """Where token ``i``'s text starts in the text sent (a token completing a character: where it starts)."""
+        stable, run = self._starts[i]
+        n = 0
+        while n < len(run) and self.sent[stable + n: stable + n + 1] == run[n]:
+            n += 1  # an invalid byte sequence stays U+FFFD in the final text: it is before this token
+        return min(stable + n, len(self.sent))
 
     @property
     def text(self) -> str:
@@ -229,6 +464,143 @@ class TextStream:
             if self._stop_at(self.decode(self.ids[:k])) is not None:
                 return k
         return len(self.ids)
+
+
+# ---------------------------------------------------------------------- log-probs: token text and the two shapes
+_MIN_LOGPROB = -9999.0  # what OpenAI reports for a token of probability (about) 0; JSON has no -inf
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: byte → the character that stands for it in the vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+class TokenName(NamedTuple):
+    """One token as logprobs show it: its text (its bytes as UTF-8, U+FFFD for part of a character; a special
+    token's own text), its bytes, and whether those bytes are the token's real ones."""
+
+    text: str
+    raw: bytes
+    exact: bool
+
+    @property
+    def legacy(self) -> str:
+        """The text completions' name: the text, or ``bytes:\\xe6\\x97`` for part of a character (as OpenAI
+        writes it, so that no two tokens share a key in ``top_logprobs``)."""
+        try:
+            return self.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in self.raw)
+
+
+class TokenText:
+    """The text and bytes of single tokens of a target, for logprobs (cached per id).
+
+    The bytes are the token's own wherever the backend tells them: llama.cpp's piece of the token; a Hugging
+    Face tokenizer's vocabulary entry read through its byte-level alphabet (GPT-2 style BPE), its ``<0xNN>``
+    byte-fallback tokens or its ``▁`` word marks (SentencePiece style), an added token's content. Otherwise
+    they are the UTF-8 of the token decoded alone (``exact`` False), which is only approximate for a token
+    that holds part of a character."""
+
+    def __init__(self, target):
+        self.target = target
+        self._cache: dict[int, TokenName] = {}
+        self._setup = False
+
+    def __call__(self, token: int) -> TokenName:
+        name = self._cache.get(token)
+        if name is None:
+            raw, exact = self._raw(int(token))
+            name = self._cache[token] = TokenName(raw.decode("utf-8", "replace"), raw, exact)
+        return name
+
+    def _prepare(self) -> None:
+        self._setup = True
+        tok = getattr(self.target, "tokenizer", None)
+        self._tok = tok if callable(getattr(tok, "convert_ids_to_tokens", None)) else None
+        self._added: dict[int, str] = {}
+        self._byte_of: dict[str, int] | None = None
+        self._metaspace = False
+        if self._tok is None:
+            return
+        try:
+            self._added = {int(i): str(getattr(t, "content", t)) for i, t in (tok.added_tokens_decoder or {}).items()}
+        except Exception:  # noqa: BLE001 - a tokenizer without the attribute: no added tokens known
+            self._added = {}
+        try:
+            decoder = tok.backend_tokenizer.decoder
+            spec = decoder.__getstate__().decode("utf-8", "replace") if decoder is not None else ""
+        except Exception:  # noqa: BLE001 - a slow tokenizer: no decoder to read
+            spec = ""
+        if '"ByteLevel"' in spec:
+            self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self._metaspace = '"Metaspace"' in spec or "\u2581" in spec
+
+    def _raw(self, token: int) -> tuple[bytes, bool]:
+        piece = getattr(self.target, "_piece", None)
+        if callable(piece):  # llama.cpp: the token's own bytes (a control token: its text)
+            return piece(token, False) or piece(token, True), True
+        if not self._setup:
+            self._prepare()
+        if self._tok is not None:
+            if token in self._added:
+                return self._added[token].encode("utf-8"), True
+            entry = self._tok.convert_ids_to_tokens(token)
+            if isinstance(entry, str):
+                if len(entry) == 6 and entry.startswith("<0x") and entry.endswith(">"):
+                    try:
+                        return bytes([int(entry[3:5], 16)]), True
+                    except ValueError:
+                        pass
+                if self._byte_of is not None and all(c in self._byte_of for c in entry):
+                    return bytes(self._byte_of[c] for c in entry), True
+                if self._metaspace:
+                    return entry.replace("\u2581", " ").encode("utf-8"), True
+        text = self.target.decode([token])
+        if not text:  # a special token, which decoding skips: its own text
+            try:
+                text = self.target.decode([token], skip_special_tokens=False)
+            except TypeError:
+                pass
+        return text.encode("utf-8"), False
+
+
+def chat_logprobs(entries: list[tuple[TokenLogprob, int]], names: TokenText, top: int) -> dict:
+    """``choices[i].logprobs`` of a chat completion (or of one chunk) for these tokens."""
+
+    def one(token: int, logprob: float) -> dict:
+        name = names(token)
+        return {"token": name.text, "logprob": max(logprob, _MIN_LOGPROB), "bytes": list(name.raw)}
+
+    content = [{**one(lp.token, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top[:top]]}
+               for lp, _ in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[tuple[TokenLogprob, int]], names: TokenText, top: int) -> dict:
+    """``choices[i].logprobs`` of a text completion (or of one chunk), OpenAI's legacy shape: per token its
+    name, log-prob, the ``top`` likeliest tokens plus the chosen one (so up to top + 1, best first) and
+    where its text starts in the completion."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp, offset in entries:
+        tokens.append(names(lp.token).legacy)
+        values.append(max(lp.logprob, _MIN_LOGPROB))
+        best = list(lp.top[:top])
+        if all(t != lp.token for t, _ in best):
+            best = sorted([*best, (lp.token, lp.logprob)], key=lambda tv: -tv[1])
+        alternatives: dict[str, float] = {}
+        for t, v in best:
+            alternatives.setdefault(names(t).legacy, max(v, _MIN_LOGPROB))
+        tops.append(alternatives)
+        offsets.append(offset)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 # ---------------------------------------------------------------------- metrics
@@ -291,7 +663,9 @@ class Metrics:
 @dataclass
 class Job:
     """One request for the worker. ``emit`` is called from the worker thread with each event:
-    ``("delta", text)``, then ``("done", Result)`` or ``("error", APIError)``."""
+    ``("delta", text, entries)``, then ``("done", Result)`` or ``("error", APIError)``. ``entries`` is None
+    unless the job asks for ``logprobs`` (alternatives per token); then it is the ``(TokenLogprob, text
+    offset)`` of the tokens whose text this delta completes (:meth:`TextStream.step`)."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -303,6 +677,7 @@ class Job:
     emit: Callable[[tuple], None]
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # None: no log-probs; k: each token's and its k likeliest alternatives
 
 
 @dataclass
@@ -314,6 +689,7 @@ class Result:
     records: list[StepRecord]
     seconds: float  # from the job's start to its end (queue time excluded)
     ttft_s: float | None  # from arrival to the first token
+    logprobs: list[tuple[TokenLogprob, int]] | None = None  # per kept token (with its text offset), when asked
 
     def usage(self) -> dict:
         n = len(self.token_ids)
@@ -373,15 +749,13 @@ class Worker:
         text = TextStream(self.gen.target.decode, job.stops)
         first: list[float] = []
 
-        def on_step(ids: list[int]) -> bool:
+        def on_step(ids: list[int], step_logprobs: list[TokenLogprob] | None = None) -> bool:
             """Stream a step's text; True (stop) for a stop string or a client that went away."""
             if job.cancelled.is_set():
                 return True
             if not first:
                 first.append(time.perf_counter())
-            delta = text.push(ids)
-            if delta:
-                job.emit(("delta", delta))
+            emit_delta(job, *text.step(ids, step_logprobs))
             return text.stopped
 
         records: list[StepRecord] = []
@@ -389,7 +763,8 @@ class Worker:
         try:
             if not job.cancelled.is_set():
                 out = self.gen.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature,
-                                        top_k=job.top_k, top_p=job.top_p, seed=job.seed, stream=on_step)
+                                        top_k=job.top_k, top_p=job.top_p, seed=job.seed, stream=on_step,
+                                        logprobs=job.logprobs)
                 records = out.stats.records
                 eos = bool(out.token_ids) and out.token_ids[-1] in self.gen.target.eos_token_ids
                 if job.cancelled.is_set():
@@ -406,12 +781,11 @@ class Worker:
             m.success.labels(name, "abort").inc()
             m.generation_tokens.labels(name).inc(text.token_count)
             return
-        delta = text.finish()
-        if delta:
-            job.emit(("delta", delta))
+        emit_delta(job, *text.end())
         ended = time.perf_counter()
         result = Result(text.text, text.ids[: text.token_count], reason, len(job.prompt_ids), records,
-                        ended - started, None if not first else first[0] - job.arrived)
+                        ended - started, None if not first else first[0] - job.arrived,
+                        None if job.logprobs is None else list(text.released))
         m.success.labels(name, reason).inc()
         m.prompt_tokens.labels(name).inc(result.prompt_tokens)
         m.generation_tokens.labels(name).inc(len(result.token_ids))
@@ -419,6 +793,12 @@ class Worker:
             m.ttft.labels(name).observe(result.ttft_s)
         m.e2e.labels(name).observe(ended - job.arrived)
         job.emit(("done", result))
+
+
+def emit_delta(job: Job, delta: str, entries: list) -> None:
+    """Send a job the ``("delta", text, entries)`` event of a step (or of the end), if it has anything."""
+    if delta or entries:
+        job.emit(("delta", delta, None if job.logprobs is None else entries))
 
 
 # ---------------------------------------------------------------------- the app
@@ -430,6 +810,7 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
     worker = Worker(generator, metrics, max_queue)
     app = FastAPI(title="specframe", description="OpenAI-compatible speculative decoding server")
     app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, name
+    token_names = TokenText(generator.target)  # for logprobs
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -467,6 +848,7 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model, name)
+        body.check()
         if not generator.target.has_chat_template:
             raise APIError(400, f"model '{name}' has no chat template; send a prompt to /v1/completions", "messages",
                            "no_chat_template")
@@ -479,6 +861,7 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model, name)
+        body.check()
         if isinstance(body.prompt, str):
             ids = generator.target.encode(body.prompt, chat=False)
         else:
@@ -493,7 +876,7 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
         job, events = make_job(body, ids, prompt_field)
         worker.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = _Shape(ident, name, int(time.time()), chat)
+        shape = _Shape(ident, name, int(time.time()), chat, body.logprob_count(), token_names)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(stream_events(job, events, shape, usage), headers={"Cache-Control": "no-cache"})
@@ -521,13 +904,13 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
                 job.cancelled.set()
 
         job = Job(ids, limit or min(default, room), body.temperature, body.top_p, body.top_k, body.seed,
-                  list(body.stop or []), emit)
+                  list(body.stop or []), emit, logprobs=body.logprob_count())
         return job, events
 
     async def complete(request: Request, job: Job, events: asyncio.Queue, shape: "_Shape"):
         while True:
             try:
-                kind, value = await asyncio.wait_for(events.get(), _WAIT_S)
+                kind, value, *_ = await asyncio.wait_for(events.get(), _WAIT_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()
@@ -543,9 +926,9 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
             if shape.chat:  # the assistant's role comes first, as OpenAI streams it
                 yield _sse(shape.chunk("", role=True, usage=include_usage))
             while True:
-                kind, value = await events.get()
-                if kind == "delta":
-                    yield _sse(shape.chunk(value, usage=include_usage))
+                kind, value, *rest = await events.get()
+                if kind == "delta":  # ("delta", text, entries): entries None unless logprobs were asked for
+                    yield _sse(shape.chunk(value, usage=include_usage, entries=rest[0] if rest else None))
                 elif kind == "error":
                     yield _sse(value.body())
                     break
@@ -612,27 +995,38 @@ class _Shape:
     model: str
     created: int
     chat: bool
+    logprobs: int | None = None  # None: not asked for; k: alternatives per token
+    names: TokenText | None = None
+
+    def _logprobs(self, entries: list | None) -> dict | None:
+        if self.logprobs is None or entries is None or self.names is None:
+            return None
+        shape = chat_logprobs if self.chat else completion_logprobs
+        return shape(entries, self.names, self.logprobs)
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.ident, "object": obj, "created": self.created, "model": self.model}
 
     def full(self, result: Result) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                      "finish_reason": result.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                      "logprobs": self._logprobs(result.logprobs), "finish_reason": result.finish_reason}
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {"index": 0, "text": result.text, "logprobs": self._logprobs(result.logprobs),
+                      "finish_reason": result.finish_reason}
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [choice], "usage": result.usage(), "specframe": result.stats()}
 
-    def chunk(self, text: str, *, role: bool = False, finish: Result | None = None, usage: bool = False) -> dict:
+    def chunk(self, text: str, *, role: bool = False, finish: Result | None = None, usage: bool = False,
+              entries: list | None = None) -> dict:
+        """One streamed chunk; ``entries``: the log-probs of the tokens whose text it carries (when asked)."""
         reason = None if finish is None else finish.finish_reason
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if role else ({"content": text} if text or
                                                                                         finish is None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(entries), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(entries), "finish_reason": reason}
         out = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
         if usage:
             out["usage"] = None
