@@ -9,6 +9,7 @@ matched suffix length k shrinks, so a match of the longest suffix is trusted mos
 
 from __future__ import annotations
 
+import copy
 import math
 
 from specframe import hookimpl
@@ -86,6 +87,11 @@ class NgramDrafter(Drafter):
                         break
             return found, k
         return [], 0
+
+    def fork(self) -> "NgramDrafter":
+        twin = copy.copy(self)
+        twin.index = NgramIndex(self.index.sizes)  # each request its own n-gram index
+        return twin
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         conts, k = self.match(context_ids, min(max_depth, self.max_depth))

@@ -16,6 +16,8 @@ replaced by its running mean, so a slow source's runs do not make another source
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from specframe import hookimpl
@@ -117,6 +119,13 @@ class HybridDrafter(Drafter):
         if features is None or not self.sources[i].feature_layers:
             return None
         return features.index_select(-1, self._index[i].to(features.device))
+
+    def fork(self) -> "HybridDrafter":
+        """Each source forked for the other request; the per-source gates stay shared (what they learn holds
+        for every request)."""
+        twin = copy.copy(self)
+        twin.sources = [src.fork() for src in self.sources]
+        return twin
 
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         for i, src in enumerate(self.sources):

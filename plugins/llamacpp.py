@@ -167,7 +167,7 @@ class _Context:
     """One llama_context and its batch buffer; optionally with the eval callback that copies out the
     outputs of chosen layers."""
 
-    def __init__(self, target: "LlamaCppTarget", layers: tuple[int, ...]):
+    def __init__(self, target: "LlamaCppTarget", layers: tuple[int, ...], shared: bool = False):
         rt, lib = target.runtime, target.runtime.lib
         params = lib.llama_context_default_params()
         params.n_ctx = target.max_context
@@ -175,7 +175,7 @@ class _Context:
         params.n_ubatch = N_BATCH
         # a sequence per leaf needs them (fast mode); exact mode decodes every path in sequence 0, and 256
         # sequences in a unified cache made each of its decodes ≈ 2.5 % slower (8.66 vs 8.43 ms a token)
-        shared = target.mode == "fast"
+        shared = shared or target.mode == "fast"  # (a batch room's context holds every request's sequences)
         params.n_seq_max = MAX_SEQ if shared else 1
         params.n_threads = params.n_threads_batch = target.threads
         params.kv_unified = shared
@@ -436,6 +436,20 @@ class LlamaCppTarget:
             pool.append(ctx)
         return LlamaCppSession(self, ctx)
 
+    def open_batch(self, max_batch: int, feature_layers: tuple[int, ...] = ()):
+        """A batch room for continuous batching (``specframe serve``): in mode ``fast`` every request's tree
+        is verified in ONE ``llama_decode`` (:class:`LlamaCppBatchRoom`); in mode ``exact`` each request
+        keeps a context of its own and is verified in its own calls, so each output stays exactly its solo
+        output (plain decoding's, token for token)."""
+        if self.mode == "exact":
+            from specframe.batch import SequentialRoom
+
+            return SequentialRoom(self, max_batch, feature_layers, note=(
+                "llama.cpp mode exact: each request is verified in a context of its own, one after another, so "
+                "each output is token for token its solo output (--backend-option mode=fast verifies the "
+                "whole batch in one llama_decode)"))
+        return LlamaCppBatchRoom(self, max_batch, feature_layers)
+
     def set_threads(self, n: int) -> int:
         """Decode on ``n`` threads from now on (every context of this model); returns the previous count."""
         before, self.threads = self.threads, int(n)
@@ -542,25 +556,133 @@ class LlamaCppTarget:
         return SimpleNamespace(model_type=self._meta("general.architecture"))
 
 
+def _tree_features(feats: np.ndarray, lay: _Layout) -> np.ndarray:
+    """A tree's feature rows (in layout order) back in tree-node order."""
+    inverse = np.empty(len(lay.order), dtype=np.int64)
+    inverse[lay.order] = np.arange(len(lay.order))  # tree node -> its row in the batch
+    return feats[inverse]
+
+
+class LlamaCppBatchRoom:
+    """Continuous batching on llama.cpp: one context (one unified KV cache of the target's ``n_ctx`` cells)
+    shared by up to ``capacity`` requests. Request k owns sequence ids ``k·span .. (k+1)·span − 1`` (span =
+    256 // capacity, so its tree has at most ``span`` leaves) and its own positions; its tree's nodes sit in
+    its sequences only, so llama.cpp's mask keeps the requests apart. :meth:`verify` puts every request's
+    pending tokens and tree into ONE ``llama_decode`` (more only past 512 rows).
+
+    Numerics are fast mode's: each output is the greedy decoding (or the sample) of the logits this batched
+    call computes. Other requests' cells in the same KV view change the order of attention's sums, so a
+    near-tie may resolve differently from the request's solo run (measured by ``scripts/bench_serve.py``)."""
+
+    batched = True
+
+    def __init__(self, target: LlamaCppTarget, max_batch: int, feature_layers: tuple[int, ...] = ()):
+        if not 1 <= max_batch <= MAX_SEQ // 2:
+            raise SpecframeError(f"llama.cpp batches at most {MAX_SEQ // 2} requests (sequence ids), got {max_batch}")
+        self.target, self.capacity = target, int(max_batch)
+        self.span = MAX_SEQ // self.capacity
+        self.max_tree_tokens = self.span
+        self.ctx = _Context(target, tuple(feature_layers), shared=True)
+        self.cells = target.max_context
+        self.slots: list[LlamaCppSession | None] = [None] * self.capacity
+        self.reserved: dict[int, int] = {}  # slot -> cells its request may fill (prompt + new tokens + a tree)
+        self.note = (f"llama.cpp: every request's tree verified in one llama_decode (one unified KV cache of "
+                     f"{self.cells} cells, {self.span} sequences per request); fast-mode numerics: a near-tie may "
+                     "resolve differently from the request's solo run")
+
+    def admits(self, tokens: int) -> bool:
+        """Whether a request of ``tokens`` more cells (prompt + new tokens) fits beside those in the room."""
+        return sum(self.reserved.values()) + tokens + self.span <= self.cells
+
+    def start(self, reserve: int = 0) -> LlamaCppSession:
+        free = next((k for k, s in enumerate(self.slots) if s is None), None)
+        if free is None:
+            raise SpecframeError(f"the llama.cpp batch room is full ({self.capacity} requests)")
+        session = LlamaCppSession(self.target, self.ctx, room=self, seq=free * self.span)
+        self.slots[free] = session
+        self.reserved[free] = int(reserve) + self.span
+        return session
+
+    def release(self, session: LlamaCppSession) -> None:
+        """The request left: its cells and its place are free."""
+        slot = session.seq // self.span
+        if self.slots[slot] is session:
+            for s in range(session.seq, session.seq + session.used):
+                self.ctx.seq_rm(s, -1)
+            self.slots[slot] = None
+            self.reserved.pop(slot, None)
+
+    def verify(self, items: list[tuple[LlamaCppSession, Tree]]) -> list[ForwardOut]:
+        """Every request's pending tokens and tree in one ``llama_decode`` (groups of at most 512 rows)."""
+        outs: list[ForwardOut] = []
+        for group in self._groups(items):
+            outs += self._verify_group(group)
+        return outs
+
+    def _groups(self, items):
+        group, rows = [], 0
+        for session, tree in items:
+            n = tree.size + len(session.pending)
+            if group and rows + n > N_BATCH:
+                yield group
+                group, rows = [], 0
+            group.append((session, tree))
+            rows += n
+        if group:
+            yield group
+
+    def _verify_group(self, group) -> list[ForwardOut]:
+        toks, pos, seqs, flags, dest, plans = [], [], [], [], [], []
+        total = 0
+        for session, tree in group:
+            if session.room is not self:
+                raise SpecframeError("a session of another room (or none) was given to this llama.cpp batch room")
+            session._check(tree.size, tree.max_depth)
+            lay = layout_tree(tree.parent_list)
+            t, p, q, f = session._tree_rows(lay, tree.token_list, tree.depth_list)
+            toks += t
+            pos += p
+            seqs += q
+            flags += f
+            dest += [total + i for i in lay.order]
+            plans.append((session, tree, lay, len(session.pending), len(t)))
+            total += tree.size
+        out = np.empty((total, self.target.vocab_size), dtype=np.float32)
+        _, feats = self.ctx.decode(toks, pos, seqs, flags, N_BATCH, out=out, dest=dest)
+        results, start, row = [], 0, 0
+        for session, tree, lay, pending, width in plans:
+            logits = torch.from_numpy(out[start:start + tree.size])
+            f = None if feats is None else torch.from_numpy(_tree_features(feats[row + pending:row + width], lay))
+            session.pending, session._last = [], (lay, tree.token_list)
+            results.append(ForwardOut(logits, f))
+            start, row = start + tree.size, row + width
+        return results
+
+
 class LlamaCppSession:
     """One request's KV cache in a llama.cpp context. ``past`` tokens are committed; the root is not.
 
     Accepted tokens whose cells are out of place (or gone) wait in ``pending`` and are decoded again, in
     place, at the front of the next verification (``past`` counts them already)."""
 
-    def __init__(self, target: LlamaCppTarget, ctx: _Context):
-        self.target, self.ctx = target, ctx
-        ctx.owner = weakref.ref(self)
-        ctx.clear()
+    def __init__(self, target: LlamaCppTarget, ctx: _Context, room: "LlamaCppBatchRoom | None" = None, seq: int = 0):
+        self.target, self.ctx, self.room = target, ctx, room
+        self.seq, self.span = seq, (room.span if room is not None else MAX_SEQ)  # its sequence ids: seq .. seq+span-1
+        if room is None:
+            ctx.owner = weakref.ref(self)
+            ctx.clear()
+        else:  # a request in a batch room: its own sequences of the shared context
+            ctx.seq_rm(seq, -1)
+        self.used = 1  # sequences this session's last tree used (seq .. seq+used-1)
         self.past = 0
         self.pending: list[int] = []  # tokens at positions past - len(pending) .. past - 1, not yet in the cache
         self._last: tuple[_Layout, list[int]] | None = None  # layout and tokens of the last verified tree
         self._in_place: list[int] = []  # exact mode: the tree nodes now in the cells after ``past``, root first
         self._grown = 0  # nodes of the tree that grow() has decoded (node i in sequence i), 0 when none
-        self.exact = target.mode == "exact"
+        self.exact = target.mode == "exact" and room is None
 
     def _check(self, n: int, depth: int) -> None:
-        if self.ctx.owner() is not self:
+        if self.room is None and self.ctx.owner() is not self:
             raise SpecframeError("this llama.cpp session was superseded by a newer one on the same target; "
                                  "start one session per request and finish it before the next")
         if self.past + depth + 1 > self.target.max_context:
@@ -577,7 +699,7 @@ class LlamaCppSession:
         for start in range(0, len(ids), N_BATCH):
             chunk = ids[start:start + N_BATCH]
             pos = list(range(self.past, self.past + len(chunk)))
-            _, f = self.ctx.decode(chunk, pos, [[0]] * len(chunk), [i == len(chunk) - 1 for i in range(len(chunk))])
+            _, f = self.ctx.decode(chunk, pos, [[self.seq]] * len(chunk), [i == len(chunk) - 1 for i in range(len(chunk))])
             self.past += len(chunk)
             if f is not None:
                 feats.append(f)
@@ -588,7 +710,7 @@ class LlamaCppSession:
         if self.pending:
             start = self.past - len(self.pending)
             toks, self.pending = self.pending, []
-            self.ctx.decode(toks, list(range(start, start + len(toks))), [[0]] * len(toks), [False] * len(toks))
+            self.ctx.decode(toks, list(range(start, start + len(toks))), [[self.seq]] * len(toks), [False] * len(toks))
 
     def verify(self, tree: Tree) -> ForwardOut:
         """Logits (and features) of every node of ``tree``, after any pending tokens."""
@@ -635,21 +757,34 @@ class LlamaCppSession:
     def _decode_tree(self, lay: _Layout, tokens: list[int], depths: list[int]):
         """Fast mode: the whole tree in one batch, a sequence per leaf; a node belongs to the sequences of
         the leaves below it (llama.cpp masks a row by its first sequence id: see docs/how-to/llamacpp.md)."""
-        ctx, past, k = self.ctx, self.past, len(self.pending)
-        everyone = list(range(lay.leaves))
+        batch_tok, batch_pos, batch_seq, flags = self._tree_rows(lay, tokens, depths)
+        rows = np.empty((len(tokens), self.target.vocab_size), dtype=np.float32)
+        _, feats = self.ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows, out=rows, dest=lay.order)
+        return rows, None if feats is None else _tree_features(feats[len(self.pending):], lay)
+
+    def _tree_rows(self, lay: _Layout, tokens: list[int], depths: list[int]):
+        """The batch rows of a tree (pending tokens first, then the nodes in layout order), with every leaf
+        sequence given the committed prefix: (tokens, positions, sequence ids, logit flags)."""
+        ctx, past, k, base = self.ctx, self.past, len(self.pending), self.seq
+        if lay.leaves > self.span:
+            raise SpecframeError(f"a tree with {lay.leaves} leaves needs more than this session's {self.span} sequences")
+        everyone = list(range(base, base + lay.leaves))
         for s in everyone[1:]:
-            ctx.seq_cp(0, s)  # every leaf sequence shares the committed prefix
+            ctx.seq_cp(base, s)  # every leaf sequence shares the committed prefix
+        self.used = max(self.used, lay.leaves)
         batch_tok = self.pending + [tokens[i] for i in lay.order]
         batch_pos = list(range(past - k, past)) + [past + depths[i] for i in lay.order]
-        batch_seq = [everyone] * k + [lay.seqs[i] for i in lay.order]
-        flags = [False] * k + [True] * len(tokens)
-        rows = np.empty((len(tokens), self.target.vocab_size), dtype=np.float32)
-        _, feats = ctx.decode(batch_tok, batch_pos, batch_seq, flags, self.target.rows, out=rows, dest=lay.order)
-        if feats is None:
-            return rows, None
-        inverse = np.empty(len(tokens), dtype=np.int64)
-        inverse[lay.order] = np.arange(len(tokens))  # tree node -> its row in the batch
-        return rows, feats[k:][inverse]
+        batch_seq = [everyone] * k + [[base + s for s in lay.seqs[i]] for i in lay.order]
+        return batch_tok, batch_pos, batch_seq, [False] * k + [True] * len(tokens)
+
+    def _drop_other_sequences(self) -> None:
+        """Every sequence of this session but its first loses its cells (the committed prefix stays in ``seq``)."""
+        if self.room is None:
+            self.ctx.seq_keep(self.seq)  # one walk over the cells
+        else:  # the context is shared: only this session's own sequences
+            for s in range(self.seq + 1, self.seq + self.used):
+                self.ctx.seq_rm(s, -1)
+        self.used = 1
 
     def grow(self, tree: Tree, start: int) -> ForwardOut:
         """Logits of nodes ``start..`` of ``tree``, whose nodes before ``start`` are in the cache from the
@@ -661,8 +796,8 @@ class LlamaCppSession:
                                  "this session runs mode 'exact'")
         parents, tokens, depths = tree.parent_list, tree.token_list, tree.depth_list
         n = len(tokens)
-        if n > MAX_SEQ:
-            raise SpecframeError(f"a grown tree of {n} nodes needs more than llama.cpp's {MAX_SEQ} sequences")
+        if n > self.span:
+            raise SpecframeError(f"a grown tree of {n} nodes needs more than this session's {self.span} sequences")
         if start != self._grown:
             raise SpecframeError(f"grow(start={start}) after {self._grown} grown nodes: grow the same tree in order")
         self._check(n, max(depths))
@@ -671,11 +806,14 @@ class LlamaCppSession:
         while done < n:  # a call per depth, so every parent's cell exists before its children join its sequence
             group = [i for i in range(done, n) if depths[i] == depths[done]]
             group = group[: next((k for k, i in enumerate(group) if i != done + k), len(group))]
+            base = self.seq
             for i in group:
                 if i:
-                    self.ctx.seq_cp(parents[i], i)
-            self.ctx.decode([tokens[i] for i in group], [self.past + depths[i] for i in group], [[i] for i in group],
-                            [True] * len(group), self.target.rows, out=rows, dest=[i - start for i in group])
+                    self.ctx.seq_cp(base + parents[i], base + i)
+            self.ctx.decode([tokens[i] for i in group], [self.past + depths[i] for i in group],
+                            [[base + i] for i in group], [True] * len(group), self.target.rows, out=rows,
+                            dest=[i - start for i in group])
+            self.used = max(self.used, group[-1] + 1)
             done += len(group)
         self._grown = n
         return ForwardOut(torch.from_numpy(rows), None)
@@ -683,9 +821,9 @@ class LlamaCppSession:
     def keep(self, path: list[int], tree_size: int) -> None:
         """Keep the accepted ``path`` (node indices, root first) in sequence 0; drop every other node."""
         if self._grown:
-            if path[-1]:
-                self.ctx.seq_cp(path[-1], 0, self.past + 1, self.past + len(path))  # the path joins sequence 0
-            self.ctx.seq_keep(0)
+            if path[-1]:  # the path joins the committed sequence
+                self.ctx.seq_cp(self.seq + path[-1], self.seq, self.past + 1, self.past + len(path))
+            self._drop_other_sequences()
             self._grown = 0
         elif self.exact:
             self._keep_in_place(path)
@@ -705,31 +843,33 @@ class LlamaCppSession:
 
     def _keep_leaf(self, path: list[int]) -> None:
         """Fast mode: the path's cells stay wherever they are (copied from a leaf's sequence into 0)."""
-        lay, past = self._last[0], self.past
+        lay, past, base = self._last[0], self.past, self.seq
         leaf_seq = lay.seqs[path[-1]][0]  # a leaf below the last accepted node
         if leaf_seq != 0:
-            self.ctx.seq_rm(0, past)
-            self.ctx.seq_cp(leaf_seq, 0, past, past + len(path))
+            self.ctx.seq_rm(base, past)
+            self.ctx.seq_cp(base + leaf_seq, base, past, past + len(path))
         else:
-            self.ctx.seq_rm(0, past + len(path))
+            self.ctx.seq_rm(base, past + len(path))
         for s in range(1, lay.leaves):
-            self.ctx.seq_rm(s, -1)
+            self.ctx.seq_rm(base + s, -1)
+        self.used = 1
 
     def rollback(self, n: int) -> None:
         """Forget the last verification (e.g. a timing probe): every cell at or after ``past``."""
         if n:
-            self.ctx.seq_rm(-1, self.past)
-            if self._grown:  # the grown nodes' sequences also hold the committed prefix
-                self.ctx.seq_keep(0)
+            if self.room is None:
+                self.ctx.seq_rm(-1, self.past)
+            else:
+                for s in range(self.seq, self.seq + self.used):
+                    self.ctx.seq_rm(s, self.past)
+            if self._grown or (self._last is not None and not self.exact):  # their sequences hold prefix copies
+                self._drop_other_sequences()
                 self._grown = 0
-            if self._last is not None and not self.exact:  # fast mode: the leaf sequences' prefix copies
-                for s in range(1, self._last[0].leaves):
-                    self.ctx.seq_rm(s, -1)
             self._last = None
 
     def truncate(self, length: int) -> None:
         """Forget committed tokens beyond the first ``length``."""
         if length < self.past:
             self._flush()
-            self.ctx.seq_rm(-1, length)
+            self.ctx.seq_rm(-1 if self.room is None else self.seq, length)
             self.past = length

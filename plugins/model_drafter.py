@@ -24,6 +24,7 @@ where one is known: for the embedded SmolLM2-135M-Instruct on transformers, its 
 from __future__ import annotations
 
 import logging
+import copy
 from copy import deepcopy
 from dataclasses import replace
 
@@ -333,6 +334,17 @@ class ModelDrafter(Drafter):
 
         self.split.enter()
         self.ahead.start(job)
+
+    def fork(self) -> "ModelDrafter":
+        """The same draft model (weights loaded once) with a draft session of its own for another request.
+        A fork drafts serially: drafting ahead moves the cores between target and draft, which requests
+        drafted side by side would fight over."""
+        twin = copy.copy(self)
+        twin.session = self.draft.start(())
+        twin.cached, twin.nodes, twin.current, twin.predicted, twin.fresh = [], None, None, None, True
+        twin.overlap = False
+        twin.ahead = AheadThread("drafter 'model'", self.ahead.timeout, self.clock)
+        return twin
 
     def finish(self) -> None:
         """The request is over: stop drafting ahead; the next request starts from a fresh tree."""

@@ -13,6 +13,7 @@ calls their methods directly in the hot loop.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -204,6 +205,14 @@ class Drafter:
     def finish(self) -> None:
         """The request ended (done, stopped early or failed): stop and join any work of the drafter's own
         thread. Must not raise."""
+
+    def fork(self) -> "Drafter":
+        """A drafter for another request drafted alongside this one (continuous batching in ``specframe
+        serve``): it shares what is read-only (weights, settings, what it learned), and owns its own
+        per-request state. Default: a shallow copy, which is right for a drafter whose :meth:`start` rebinds
+        every per-request attribute; a drafter with other per-request state (an index, a cache, a thread)
+        overrides it."""
+        return copy.copy(self)
 
 
 class AcceptanceSurrogate:
@@ -461,6 +470,7 @@ class StepRecord:
     ahead_s: float = 0.0  # drafting for this step done on the drafter's thread during the last verification
     ahead_wait_s: float = 0.0  # of draft_s: the proposal waiting for that thread (the part of ahead_s not hidden)
     ahead_hit: bool = False  # the step's root had been drafted ahead (the prediction held)
+    batch: int = 1  # requests verified in the same target call (continuous batching; verify_s is that call's)
 
     @property
     def hidden_draft_s(self) -> float:

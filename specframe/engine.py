@@ -143,6 +143,33 @@ class SpecGenerator:
             raise SpecframeError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         return ids
 
+    def check_request(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, logprobs: int | None = None, chat: bool | None = None):
+        """A request checked before it runs: (prompt ids, sampling, verifier name, verifier); bad input is one
+        :class:`SpecframeError` line."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+            raise SpecframeError(f"logprobs must be an integer >= 0 (how many alternatives per token), got {logprobs!r}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = self.prepare_prompt(prompt, chat)
+        limit, what = self.target.max_context, "the context"
+        window = getattr(self.target, "sliding_window", None)  # a backend that cannot go past its window
+        if window is not None and window < limit:  # the cache holds window - 1; the last token is never cached
+            limit, what = window, f"what specframe can run of a model with sliding-window layers (window {window})"
+        if len(ids) + max_new_tokens > limit:
+            raise SpecframeError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
+                f"target '{self.target.name}' ({limit} tokens); shorten the prompt or lower max_new_tokens"
+            )
+        verifier_name, verifier = self.verifier_for(sampling)
+        if getattr(verifier, "draws_children", False) and not getattr(self.components.drafter, "sampling_q", False):
+            raise SpecframeError(
+                f"verifier '{verifier_name}' draws children from the draft's distribution, and drafter "
+                f"'{self.components.names['drafter']}' has none (its scores are not probabilities); use the "
+                "'sample' verifier with it, or a drafter with a real q (dflash, model)")
+        return ids, sampling, verifier_name, verifier
+
     def generate(
         self,
         prompt: str | list[int],
@@ -167,35 +194,18 @@ class SpecGenerator:
         logits: the target's own distribution at that token, the same whatever the policy; ``stream`` is
         then called with ``(tokens, logprobs)``.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise SpecframeError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
-        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
-            raise SpecframeError(f"logprobs must be an integer >= 0 (how many alternatives per token), got {logprobs!r}")
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        ids = self.prepare_prompt(prompt, chat)
-        limit, what = self.target.max_context, "the context"
-        window = getattr(self.target, "sliding_window", None)  # a backend that cannot go past its window
-        if window is not None and window < limit:  # the cache holds window - 1; the last token is never cached
-            limit, what = window, f"what specframe can run of a model with sliding-window layers (window {window})"
-        if len(ids) + max_new_tokens > limit:
-            raise SpecframeError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds {what} of "
-                f"target '{self.target.name}' ({limit} tokens); shorten the prompt or lower max_new_tokens"
-            )
-        verifier_name, verifier = self.verifier_for(sampling)
-        if getattr(verifier, "draws_children", False) and not getattr(self.components.drafter, "sampling_q", False):
-            raise SpecframeError(
-                f"verifier '{verifier_name}' draws children from the draft's distribution, and drafter "
-                f"'{self.components.names['drafter']}' has none (its scores are not probabilities); use the "
-                "'sample' verifier with it, or a drafter with a real q (dflash, model)")
+        ids, _, verifier_name, verifier = self.check_request(prompt, max_new_tokens, temperature, top_k, top_p,
+                                                             logprobs, chat)
         return _Run(self, ids, max_new_tokens, verifier_name, verifier, Sampler(seed), stream, logprobs).execute()
 
 
 class _Run:
     """One generation's loop state (kept off the generator so generate() is re-entrant per call)."""
 
-    def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream, logprobs=None):
-        self.gen, self.c, self.t, self.learning = gen, gen.components, gen.target, gen.learning
+    def __init__(self, gen: SpecGenerator, ids, max_new, verifier_name, verifier, sampler, stream, logprobs=None,
+                 components=None):
+        self.gen, self.t, self.learning = gen, gen.target, gen.learning
+        self.c = components or gen.components  # a batch's request: the generator's, with a drafter of its own
         self.ids, self.max_new = ids, max_new
         self.verifier_name, self.verifier, self.sampler, self.stream = verifier_name, verifier, sampler, stream
         self.eos = set(self.t.eos_token_ids)
@@ -311,8 +321,13 @@ class _Run:
 
     def expand(self, draft: Draft, ctx: ExpansionContext):
         """Let the expansion policy pick the tree; check it against the tree invariants and bounds."""
+        built = self._call(f"expansion policy '{self.c.names['expansion']}'", self.c.expansion.expand, draft, ctx)
+        return self.check_tree(built, draft, ctx)
+
+    def check_tree(self, built, draft: Draft, ctx: ExpansionContext):
+        """A policy's tree checked against the tree invariants and this step's bounds; with a verifier that
+        draws children (multi-draft sampling), the drawn tree."""
         names = self.c.names
-        built = self._call(f"expansion policy '{names['expansion']}'", self.c.expansion.expand, draft, ctx)
         tree = built.tree
         who = f"drafter '{names['drafter']}' with expansion policy '{names['expansion']}'"
         validate_tree(tree, self.t.vocab_size, who)
@@ -357,21 +372,7 @@ class _Run:
         fwd = session.verify(tree)
         self.t.synchronize()  # so verify_s is the forward's time, not its launch time, on a GPU
         t3 = clock()
-        path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
-        session.keep(path, tree.size)
-        tokens = tree.token_list
-        accepted = [tokens[i] for i in path[1:]]
-        committed = []
-        for tok in accepted + [bonus]:
-            committed.append(tok)
-            if tok in self.eos or len(committed) == remaining:
-                break
-        if self.top_logprobs is not None:  # token j of the step was predicted by the row of path node j
-            self.step_logprobs = token_logprobs(fwd.logits, path, committed, self.top_logprobs)
-            self.logprobs += self.step_logprobs
-        feats = None if fwd.features is None else fwd.features[torch.tensor(path)]
-        self._call(f"drafter '{names['drafter']}'", c.drafter.commit, [tokens[i] for i in path], feats)
-        self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
+        path, committed = self.settle(session, built, fwd, remaining)
         self._call(f"cost model '{names['cost_model']}'", c.cost_model.observe, tree.size, past, t3 - t2)
         t4 = clock()
         record = StepRecord(
@@ -396,6 +397,28 @@ class _Run:
         self.stats.steps += 1
         self.gen.observers.step_end(record, self.stats.steps - 1)
         return committed
+
+
+    def settle(self, session, built, fwd, remaining: int) -> tuple[list[int], list[int]]:
+        """After a verification: the verifier's verdict, the accepted path kept in the cache, the drafter and
+        the surrogate told. Returns (accepted path, committed tokens: the path's tokens and the bonus, cut
+        after an EOS or at ``remaining``)."""
+        c, names, tree = self.c, self.c.names, built.tree
+        path, bonus = self._call(f"verifier '{self.verifier_name}'", self.verifier.verify, tree, fwd.logits, self.sampler)
+        session.keep(path, tree.size)
+        tokens = tree.token_list
+        committed = []
+        for tok in [tokens[i] for i in path[1:]] + [bonus]:
+            committed.append(tok)
+            if tok in self.eos or len(committed) == remaining:
+                break
+        if self.top_logprobs is not None:  # token j of the step was predicted by the row of path node j
+            self.step_logprobs = token_logprobs(fwd.logits, path, committed, self.top_logprobs)
+            self.logprobs += self.step_logprobs
+        feats = None if fwd.features is None else fwd.features[torch.tensor(path)]
+        self._call(f"drafter '{names['drafter']}'", c.drafter.commit, [tokens[i] for i in path], feats)
+        self._call(f"surrogate '{names['surrogate']}'", c.surrogate.observe, tree, path, built.scores)
+        return path, committed
 
 
 class Observers:
