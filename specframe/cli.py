@@ -176,28 +176,50 @@ def say_auto_fallbacks(gen) -> None:
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="SPECFRAME_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ (also $SPECFRAME_API_KEY).")
 @click.option("--served-model-name", default=None, help="The model name clients send (default: --target, or smollm2-135m).")
-@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests that may wait behind the one being generated; beyond that, 503.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Requests decoded together (continuous batching: one target call verifies all their trees); 1 serves one at a time. On llama.cpp a request also needs room in the KV cache (--backend-option n_ctx=N).")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests that may wait for a place in the batch; beyond that, 503.")
 @click.option("--default-max-tokens", type=int, default=256, show_default=True, help="Chat completion length when a request sets none.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
-def serve(ctx, policy, target, backend, backend_options, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_queue,
-          default_max_tokens, log_level):
+def serve(ctx, policy, target, backend, backend_options, drafter, overrides, dtype, device, host, port, api_key, served_model_name, max_batch,
+          max_queue, default_max_tokens, log_level):
     """Serve the generator over an OpenAI-compatible HTTP API (chat, completions, models, metrics)."""
     from .target import DEFAULT_TARGET
 
-    if max_queue <= 0 or default_max_tokens <= 0:
-        raise SpecframeError("--max-queue and --default-max-tokens must be positive")
+    if max_queue <= 0 or default_max_tokens <= 0 or max_batch <= 0:
+        raise SpecframeError("--max-batch, --max-queue and --default-max-tokens must be positive")
     if not 0 <= port <= 65535:
         raise SpecframeError(f"--port must be in 0..65535, got {port}")
     registry, policy, params = check_generator_options(ctx, policy, drafter, overrides, backend)
     from .serve import create_app, serve as run_server  # after the checks: FastAPI loads in about a second
 
+    backend_options = batch_backend_options(registry, target, backend, backend_options, device, dtype, max_batch)
     gen = load_generator(registry, policy, target, drafter, params, dtype, device, backend, backend_options)
     say_auto_fallbacks(gen)
     name = served_model_name or target or DEFAULT_TARGET
-    app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens)
+    app = create_app(gen, model_name=name, max_queue=max_queue, api_key=api_key, default_max_tokens=default_max_tokens,
+                     max_batch=max_batch)
+    click.echo(f"specframe: batching {app.state.worker.batch.describe()}", err=True)
     click.echo(f"specframe: serving '{name}' with policy {gen.policy_name} on http://{host}:{port}/v1", err=True)
     run_server(app, host=host, port=port, log_level=log_level)
+
+
+def batch_backend_options(registry, target, backend, backend_options, device, dtype, max_batch) -> tuple:
+    """A server batching on llama.cpp runs its mode ``fast`` unless the user chose a mode: only that mode
+    verifies every request's tree in one ``llama_decode`` (said in one line, with what it changes)."""
+    options = tuple(backend_options or ())
+    if max_batch <= 1 or any(o.partition("=")[0].strip() == "mode" for o in options):
+        return options
+    from .backends import AUTO, choose_backend
+
+    chosen = backend if backend not in (None, AUTO) else choose_backend(target, device, registry, dtype)[0]
+    if chosen != "llama.cpp":
+        return options
+    click.echo("specframe: llama.cpp mode fast, so one llama_decode verifies the whole batch: each output is the "
+               "greedy decoding (or the sample) of the batched call's logits, where a near-tie may resolve "
+               "differently from plain decoding; --backend-option mode=exact keeps every output token for token "
+               "plain decoding's (requests then verified one after another)", err=True)
+    return options + ("mode=fast",)
 
 
 def _read(path: str) -> str:

@@ -1,17 +1,19 @@
 """``specframe serve``: an OpenAI-compatible HTTP server with speculative decoding.
 
 Built on FastAPI (routing, pydantic request models, server-sent events), uvicorn (the HTTP server) and
-``prometheus_client`` (``/metrics``). The engine generates one sequence at a time, so requests queue in
-order behind ONE worker thread that owns the :class:`~specframe.engine.SpecGenerator` (its target, its
-policy's components and their learned calibration are shared by every request):
+``prometheus_client`` (``/metrics``). ONE scheduler thread owns the :class:`~specframe.engine.SpecGenerator`
+(its target, its policy's components and their learned calibration are shared by every request) and runs
+continuous batching on it (:class:`Scheduler`, :mod:`specframe.batch`): up to ``max_batch`` requests advance
+together, one target call verifying all their trees, with one speculation budget across them under BASTION;
+the rest wait in order:
 
 * ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` for server-sent events),
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format; the speculative counters
   carry vLLM's names: ``vllm:spec_decode_num_drafts``, ``..._num_draft_tokens``, ``..._num_accepted_tokens``,
   ``..._num_accepted_tokens_per_pos``).
 
-A bounded queue answers 503 with ``Retry-After`` when full; a client that disconnects stops its generation
-at the next step. Bad input gets a 4xx with an OpenAI-shaped body ``{"error": {message, type, param, code}}``.
+A bounded queue answers 503 with ``Retry-After`` when full; a client that disconnects leaves the batch at the
+next step. ``/metrics`` adds ``specframe:batch_size`` (requests per step) to vLLM's queue and latency metrics. Bad input gets a 4xx with an OpenAI-shaped body ``{"error": {message, type, param, code}}``.
 No request field is ignored in silence: every OpenAI field is implemented (``logprobs`` included, from the
 target's own distribution), accepted as metadata that changes no output (:data:`ACCEPTED`), accepted at its
 no-op value only (:data:`NO_OP`; another value is a 400 ``unsupported_field`` naming it), and anything
@@ -43,12 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batch import BatchGenerator, BatchRequest
 from .components import StepRecord, TokenLogprob
 from .engine import SpecGenerator
 from .errors import SpecframeError
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives neither max_tokens nor max_completion_tokens
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_BATCH = 8  # requests decoded together (create_app's and `specframe serve`'s default)
 RETRY_AFTER_S = 1
 _WAIT_S = 0.25  # how often a waiting non-streaming request checks whether its client is still there
 
@@ -619,7 +623,10 @@ class Metrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated (as returned to clients).",
                                          labels, registry=reg)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting in the queue.", labels, registry=reg)
-        self.running = Gauge("vllm:num_requests_running", "Requests being generated (0 or 1).", labels, registry=reg)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the batch (being prefilled or generated).",
+                             labels, registry=reg)
+        self.batch_size = Histogram("specframe:batch_size", "Requests verified together, per target step.", labels,
+                                    registry=reg, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
         self.drafts = Counter("vllm:spec_decode_num_drafts", "Steps that verified a draft (a tree beyond its root).",
                               labels, registry=reg)
         self.draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified (tree nodes beyond "
@@ -654,6 +661,10 @@ class Metrics:
             self._accepted += r.accepted
         if self._steps:
             self.tau.labels(m).set((self._steps + self._accepted) / self._steps)
+
+    def observe_batch(self, size: int) -> None:
+        """One step of the batch, with ``size`` requests in it."""
+        self.batch_size.labels(self.model).observe(size)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -709,19 +720,35 @@ class Result:
         }
 
 
-class Worker:
-    """The one thread that owns the generator; jobs wait in a bounded FIFO queue."""
+class Scheduler:
+    """The one thread that owns the generator and runs continuous batching on it
+    (:class:`~specframe.batch.BatchGenerator`): every request in the batch advances in every step, a new one
+    joins at the next step (its prompt prefilled in chunks), a finished one leaves, and one whose client went
+    away leaves at the next step. Up to ``max_batch`` requests run at once; the others wait in a bounded FIFO
+    queue (full: 503). ``max_batch=1`` is the one-at-a-time server.
 
-    def __init__(self, generator: SpecGenerator, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE):
+    ``before_step`` (tests) is called on the scheduler's thread before every step, with the number of
+    requests in the batch: a test holds the scheduler there to force an interleaving (no sleeps)."""
+
+    def __init__(self, generator: SpecGenerator, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_batch: int = 1, before_step: Callable[[int], None] | None = None):
         if max_queue <= 0:
             raise SpecframeError(f"--max-queue must be positive, got {max_queue}")
-        self.gen, self.metrics = generator, metrics
+        self.gen, self.metrics, self.before_step = generator, metrics, before_step
+        self.batch = BatchGenerator(generator, max_batch)
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.busy = False
-        metrics.waiting.labels(metrics.model).set_function(self.queue.qsize)
-        metrics.running.labels(metrics.model).set_function(lambda: int(self.busy))
-        self.thread = threading.Thread(target=self._loop, name="specframe-serve-worker", daemon=True)
+        self.next: Job | None = None  # the queue's head when it waits for room in the batch
+        self.live: dict[int, _Live] = {}
+        self.stopping = False
+        name = metrics.model
+        metrics.waiting.labels(name).set_function(lambda: self.queue.qsize() + (self.next is not None))
+        metrics.running.labels(name).set_function(lambda: self.batch.size)
+        self.thread = threading.Thread(target=self._loop, name="specframe-serve-scheduler", daemon=True)
         self.thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self.batch.busy
 
     def submit(self, job: Job) -> None:
         """Queue a job; a full queue is a 503 with ``Retry-After``."""
@@ -735,56 +762,73 @@ class Worker:
         self.queue.put(None)
 
     def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            self.busy = True
+        while not self.stopping:
+            if not self.batch.busy and self.next is None:  # idle: wait for a request
+                job = self.queue.get()
+                if job is None:
+                    break
+                self.next = job
+            self._admit()
+            if not self.batch.busy:
+                continue
+            if self.before_step is not None:
+                self.before_step(self.batch.size)
+            for req in self.batch.step():
+                self._finish(self.live.pop(id(req)), req)
+            self.metrics.observe_batch(len(self.batch.active) or 1)
+
+    def _admit(self) -> None:
+        """Waiting requests join the batch, in order, while it has room for the next one."""
+        while True:
+            if self.next is None:
+                try:
+                    self.next = self.queue.get_nowait()
+                except queue.Empty:
+                    return
+                if self.next is None:  # stop() was called
+                    self.stopping = True
+                    return
+            job = self.next
+            if job.cancelled.is_set():  # the client left while it waited
+                self.next = None
+                self.metrics.success.labels(self.metrics.model, "abort").inc()
+                continue
+            live = _Live(job, TextStream(self.gen.target.decode, job.stops))
+            req = BatchRequest(job.prompt_ids, job.max_tokens, job.temperature, job.top_k, job.top_p, job.seed,
+                               job.logprobs, live.on_step, _cancel=job.cancelled)
+            if not self.batch.has_room(req):
+                return
+            self.next = None
             try:
-                self._run(job)
-            finally:
-                self.busy = False
+                self.batch.submit(req)
+            except SpecframeError as err:
+                job.emit(("error", APIError(400, str(err), code="generation_failed")))
+                continue
+            live.started = time.perf_counter()
+            self.metrics.queue_time.labels(self.metrics.model).observe(live.started - job.arrived)
+            self.live[id(req)] = live
 
-    def _run(self, job: Job) -> None:
-        m, name = self.metrics, self.metrics.model
-        started = time.perf_counter()
-        m.queue_time.labels(name).observe(started - job.arrived)
-        text = TextStream(self.gen.target.decode, job.stops)
-        first: list[float] = []
-
-        def on_step(ids: list[int], step_logprobs: list[TokenLogprob] | None = None) -> bool:
-            """Stream a step's text; True (stop) for a stop string or a client that went away."""
-            if job.cancelled.is_set():
-                return True
-            if not first:
-                first.append(time.perf_counter())
-            emit_delta(job, *text.step(ids, step_logprobs))
-            return text.stopped
-
-        records: list[StepRecord] = []
-        reason = "abort"
-        try:
-            if not job.cancelled.is_set():
-                out = self.gen.generate(job.prompt_ids, job.max_tokens, temperature=job.temperature,
-                                        top_k=job.top_k, top_p=job.top_p, seed=job.seed, stream=on_step,
-                                        logprobs=job.logprobs)
-                records = out.stats.records
-                eos = bool(out.token_ids) and out.token_ids[-1] in self.gen.target.eos_token_ids
-                if job.cancelled.is_set():
-                    reason = "abort"
-                else:
-                    reason = "stop" if text.stopped or eos else "length"
-        except SpecframeError as err:
-            job.emit(("error", APIError(400, str(err), code="generation_failed")))
-        except Exception as err:  # noqa: BLE001 - the worker must survive anything; the client gets one line
-            job.emit(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error",
-                                        code="internal_error")))
-        m.observe_steps(records)
-        if reason == "abort":
+    def _finish(self, live: "_Live", req: BatchRequest) -> None:
+        """A request left the batch: its last text, its result (or error) and the metrics."""
+        m, name, job, text = self.metrics, self.metrics.model, live.job, live.text
+        m.observe_steps(req.stats.records)
+        if req.finish_reason == "error":
+            err = req.error
+            if isinstance(err, SpecframeError):
+                job.emit(("error", APIError(400, str(err), code="generation_failed")))
+            else:
+                job.emit(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}",
+                                            kind="server_error", code="internal_error")))
+            return
+        if req.finish_reason == "cancelled" or job.cancelled.is_set():
             m.success.labels(name, "abort").inc()
             m.generation_tokens.labels(name).inc(text.token_count)
             return
         emit_delta(job, *text.end())
         ended = time.perf_counter()
-        result = Result(text.text, text.ids[: text.token_count], reason, len(job.prompt_ids), records,
-                        ended - started, None if not first else first[0] - job.arrived,
+        reason = "length" if req.finish_reason == "length" and not text.stopped else "stop"
+        result = Result(text.text, text.ids[: text.token_count], reason, len(job.prompt_ids), req.stats.records,
+                        ended - live.started, None if live.first is None else live.first - job.arrived,
                         None if job.logprobs is None else list(text.released))
         m.success.labels(name, reason).inc()
         m.prompt_tokens.labels(name).inc(result.prompt_tokens)
@@ -795,6 +839,26 @@ class Worker:
         job.emit(("done", result))
 
 
+@dataclass
+class _Live:
+    """A job in the batch: its text stream and when it started and first produced a token."""
+
+    job: Job
+    text: TextStream
+    started: float = 0.0
+    first: float | None = None
+
+    def on_step(self, ids: list[int], step_logprobs: list[TokenLogprob]) -> bool:
+        """Stream a step's text; True (stop) for a stop string or a client that went away."""
+        job = self.job
+        if job.cancelled.is_set():
+            return True
+        if self.first is None:
+            self.first = time.perf_counter()
+        emit_delta(job, *self.text.step(ids, step_logprobs if job.logprobs is not None else None))
+        return self.text.stopped
+
+
 def emit_delta(job: Job, delta: str, entries: list) -> None:
     """Send a job the ``("delta", text, entries)`` event of a step (or of the end), if it has anything."""
     if delta or entries:
@@ -803,11 +867,13 @@ def emit_delta(job: Job, delta: str, entries: list) -> None:
 
 # ---------------------------------------------------------------------- the app
 def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-               api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
-    """An OpenAI-compatible FastAPI app around a built generator (served as ``model_name``)."""
+               api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               max_batch: int = DEFAULT_MAX_BATCH, before_step: Callable[[int], None] | None = None) -> FastAPI:
+    """An OpenAI-compatible FastAPI app around a built generator (served as ``model_name``), batching up to
+    ``max_batch`` requests at once (``before_step``: see :class:`Scheduler`)."""
     name = model_name or generator.target.name
     metrics = Metrics(name)
-    worker = Worker(generator, metrics, max_queue)
+    worker = Scheduler(generator, metrics, max_queue, max_batch, before_step)
     app = FastAPI(title="specframe", description="OpenAI-compatible speculative decoding server")
     app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, name
     token_names = TokenText(generator.target)  # for logprobs
@@ -835,7 +901,8 @@ def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_q
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "policy": generator.policy_name}
+        return {"status": "ok", "model": name, "policy": generator.policy_name, "max_batch": worker.batch.capacity,
+                "batch": worker.batch.describe()}
 
     @app.get("/metrics")
     async def prometheus():
