@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batch import BatchGenerator, BatchRequest
+from .batch import DEFAULT_PREFILL_CHUNK, BatchGenerator, BatchRequest
 from .components import StepRecord, TokenLogprob
 from .engine import SpecGenerator
 from .errors import SpecframeError
@@ -731,11 +731,12 @@ class Scheduler:
     requests in the batch: a test holds the scheduler there to force an interleaving (no sleeps)."""
 
     def __init__(self, generator: SpecGenerator, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_batch: int = 1, before_step: Callable[[int], None] | None = None):
+                 max_batch: int = 1, before_step: Callable[[int], None] | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_queue <= 0:
             raise SpecframeError(f"--max-queue must be positive, got {max_queue}")
         self.gen, self.metrics, self.before_step = generator, metrics, before_step
-        self.batch = BatchGenerator(generator, max_batch)
+        self.batch = BatchGenerator(generator, max_batch, prefill_chunk)
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.next: Job | None = None  # the queue's head when it waits for room in the batch
         self.live: dict[int, _Live] = {}
@@ -868,12 +869,13 @@ def emit_delta(job: Job, delta: str, entries: list) -> None:
 # ---------------------------------------------------------------------- the app
 def create_app(generator: SpecGenerator, *, model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_batch: int = DEFAULT_MAX_BATCH, before_step: Callable[[int], None] | None = None) -> FastAPI:
+               max_batch: int = DEFAULT_MAX_BATCH, before_step: Callable[[int], None] | None = None,
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FastAPI:
     """An OpenAI-compatible FastAPI app around a built generator (served as ``model_name``), batching up to
     ``max_batch`` requests at once (``before_step``: see :class:`Scheduler`)."""
     name = model_name or generator.target.name
     metrics = Metrics(name)
-    worker = Scheduler(generator, metrics, max_queue, max_batch, before_step)
+    worker = Scheduler(generator, metrics, max_queue, max_batch, before_step, prefill_chunk)
     app = FastAPI(title="specframe", description="OpenAI-compatible speculative decoding server")
     app.state.worker, app.state.metrics, app.state.model_name = worker, metrics, name
     token_names = TokenText(generator.target)  # for logprobs

@@ -5,8 +5,8 @@ the official ``openai`` client and raw ``httpx``.
   directory and served with ``specframe serve --target DIR --policy bastion`` (fp64, so the tree forward
   and plain decoding agree exactly). Its output layer favours a few tokens, among them the single bytes of
   multi-byte characters, so streams really do split characters across steps.
-* A second server (``ar``, each step slowed by a sleep, a queue of one, an API key) makes the queue-full,
-  disconnect and API-key cases deterministic without timing thresholds.
+* The batching cases (requests joining and leaving, a disconnect, a full queue, the API key) run on a uvicorn
+  server in this process whose scheduler the test holds between steps: tests/test_serve_batch.py.
 * A slow test serves the embedded SmolLM2 and checks greedy chat through HTTP against in-process decoding.
 
 Every request loop is bounded.
@@ -135,39 +135,11 @@ class Server:
 
 CLI = [sys.executable, "-c", "from specframe.cli import main; main()", "--threads", "1"]
 
-SLOW_SERVER = """
-import sys, time
-from specframe import SpecGenerator, Target
-from specframe.serve import create_app, serve
-generator = SpecGenerator(Target.load(sys.argv[1], dtype="float64"), "ar")
-plain = generator.generate
-
-def slowed(*args, stream=None, **kwargs):  # every step takes at least 50 ms: a request of 200 tokens runs 10 s
-    def step(ids):
-        time.sleep(0.05)
-        return stream(ids)  # True: the server asks to stop
-    return plain(*args, stream=step, **kwargs)
-
-generator.generate = slowed
-serve(create_app(generator, model_name="tiny", max_queue=1, api_key="sekret"), port=int(sys.argv[2]), log_level="warning")
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     srv = Server(CLI + ["serve", "--target", str(tiny_dir), "--dtype", "float64", "--policy", "bastion",
                         "--served-model-name", MODEL, "--port", "{port}", "--log-level", "warning"], log)
-    try:
-        yield srv.wait_ready()
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
-def slow_server(tiny_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve-slow") / "server.log"
-    srv = Server([sys.executable, "-c", SLOW_SERVER, str(tiny_dir), "{port}"], log)
     try:
         yield srv.wait_ready()
     finally:
@@ -315,17 +287,6 @@ def test_stop_strings_cut_as_plain_decoding_would(server, reference, stream):
     assert text == expected and stop not in text and reason == "stop"
 
 
-def test_seeded_sampling_is_reproducible(slow_server, tiny_dir):
-    client = slow_server.client("sekret")
-    request = dict(model=MODEL, prompt="The river runs", max_tokens=12, temperature=1.0, top_p=0.9, seed=7,
-                   extra_body={"top_k": 50})
-    first, second = (client.completions.create(**request) for _ in range(2))
-    assert first.choices[0].text == second.choices[0].text
-    gen = SpecGenerator(Target.load(str(tiny_dir), dtype="float64"), "ar")
-    ids = gen.target.encode("The river runs", chat=False)
-    assert first.specframe["token_ids"] == gen.generate(ids, 12, temperature=1.0, top_p=0.9, top_k=50, seed=7).token_ids
-
-
 def test_seeded_sampling_reproduces_under_bastion_too(server, tiny_dir):
     """The sample verifier draws once per output position, so a seed gives the same tokens whatever trees
     BASTION builds (and whatever it has learned between the requests) — the same as plain decoding."""
@@ -434,66 +395,6 @@ def test_bad_input_through_the_openai_client(server):
         server.client().chat.completions.create(model=MODEL, messages=MSG, top_p=2.0)
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="gpt-9", messages=MSG)
-
-
-# ---------------------------------------------------------------------- the slowed server: key, disconnect, full queue
-def test_api_key_is_required_on_v1(slow_server):
-    assert httpx.get(f"{slow_server.url}/v1/models").status_code == 401
-    assert httpx.get(f"{slow_server.url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert httpx.get(f"{slow_server.url}/health").status_code == 200
-    with pytest.raises(openai.AuthenticationError):
-        slow_server.client("wrong").models.list()
-    assert [m.id for m in slow_server.client("sekret").models.list().data] == [MODEL]
-    body = httpx.post(f"{slow_server.url}/v1/completions", json={"prompt": "hi"}).json()
-    assert body["error"]["code"] == "invalid_api_key"
-
-
-def wait_until(predicate, seconds: float = 60) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_disconnect_mid_stream_stops_the_generation_and_frees_the_worker(slow_server):
-    client = slow_server.client("sekret")
-    before = slow_server.metrics()
-    stream = client.completions.create(model=MODEL, prompt="The river runs", max_tokens=200, temperature=0, stream=True)
-    for i, _ in enumerate(stream):
-        if i == 1:
-            break
-    stream.close()  # the client goes away after two chunks (of 200 tokens, at least 10 s of work)
-
-    def aborted():
-        m = slow_server.metrics()
-        return m.get("vllm:request_success_total{finished_reason=abort}", 0) > before.get(
-            "vllm:request_success_total{finished_reason=abort}", 0) and m["vllm:num_requests_running"] == 0
-
-    assert wait_until(aborted)
-    after = slow_server.metrics()
-    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) < 200
-    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0)
-    assert out.usage.completion_tokens == 2  # the worker is free again
-
-
-def test_full_queue_answers_503_with_retry_after(slow_server):
-    client = slow_server.client("sekret")
-    stream = client.completions.create(model=MODEL, prompt="The river runs", max_tokens=200, temperature=0, stream=True)
-    next(iter(stream))  # the worker is busy with this one
-    waiting: list = []
-    thread = threading.Thread(target=lambda: waiting.append(
-        client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0)))
-    thread.start()
-    assert wait_until(lambda: slow_server.metrics()["vllm:num_requests_waiting"] == 1)  # the queue (size 1) is full
-    response = httpx.post(f"{slow_server.url}/v1/completions", headers={"Authorization": "Bearer sekret"},
-                          json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=30)
-    assert response.status_code == 503 and response.headers["retry-after"].isdigit()
-    assert response.json()["error"]["code"] == "queue_full"
-    stream.close()
-    thread.join(timeout=120)
-    assert waiting and waiting[0].usage.completion_tokens == 3
 
 
 # ---------------------------------------------------------------------- the embedded SmolLM2
