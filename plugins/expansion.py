@@ -243,7 +243,8 @@ class AdaptiveBestFirst(ExpansionPolicy):
         limits = [min(self.max_nodes, ctx.max_nodes) for ctx in ctxs]
         fronts = [Frontier(d, ctx, min(ctx.max_depth, d.max_depth)) for d, ctx in zip(drafts, ctxs)]
         lead = ctxs[0]
-        cost, c, d, h = lead.cost_model, sum(ctx.context_len for ctx in ctxs), lead.draft_seconds, lead.node_seconds
+        c = lead.batch_context if lead.batch_context is not None else sum(ctx.context_len for ctx in ctxs)
+        cost, d, h = lead.cost_model, lead.draft_seconds, lead.node_seconds
         convex_from = getattr(cost, "convex_from", None)
         roots = len(ctxs)
         s, tokens = float(roots), roots  # S (Σ P, roots included) and N (tokens in the call)

@@ -409,6 +409,10 @@ class HFBatchRoom:
                 return f"its cache has {', '.join(odd)} layers, which cannot be padded into one batch"
         return None
 
+    def cost_context(self, pasts: list[int]) -> int:
+        """Every request's rows attend over the longest prefix (the caches are padded to it)."""
+        return max(pasts) if self.batched else sum(pasts)
+
     def start(self) -> TargetSession:
         """A session for one request (the same protocol as :meth:`Target.start`'s sessions)."""
         return self.target.start(self.feature_layers)

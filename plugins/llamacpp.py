@@ -590,6 +590,10 @@ class LlamaCppBatchRoom:
                      f"{self.cells} cells, {self.span} sequences per request); fast-mode numerics: a near-tie may "
                      "resolve differently from the request's solo run")
 
+    def cost_context(self, pasts: list[int]) -> int:
+        """One call reads every request's cells (the unified KV view holds them all)."""
+        return sum(pasts)
+
     def admits(self, tokens: int) -> bool:
         """Whether a request of ``tokens`` more cells (prompt + new tokens) fits beside those in the room."""
         return sum(self.reserved.values()) + tokens + self.span <= self.cells

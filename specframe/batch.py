@@ -15,8 +15,9 @@ sampling parameters, seed and verifier. A step:
 
 A backend offers batching with ``target.open_batch(max_batch, feature_layers)`` → a room with ``start()``,
 ``verify([(session, tree), ...])`` → ``[ForwardOut, ...]``, ``capacity``, ``batched``, ``note`` and
-optionally ``release(session)``, ``max_tree_tokens`` and ``admits(tokens)`` (whether its cache holds a
-request of that many more tokens). A backend without one gets :class:`SequentialRoom`: its sessions, each
+optionally ``release(session)``, ``max_tree_tokens``, ``admits(tokens)`` (whether its cache holds a
+request of that many more tokens) and ``cost_context(pasts)`` (the context at which the cost model prices
+one call over requests with these cached lengths; default their sum). A backend without one gets :class:`SequentialRoom`: its sessions, each
 verified in its own call.
 
 >>> batch = BatchGenerator(SpecGenerator(target, "bastion"), max_batch=8)        # doctest: +SKIP
@@ -161,6 +162,7 @@ class BatchGenerator:
         self.joining: list[_Member] = []
         self.active: list[_Member] = []
         self.steps = 0
+        self.calibration_s = 0.0  # the cost model's one-off calibration (not decoding time)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -214,9 +216,10 @@ class BatchGenerator:
                 ready = member.prefill_chunk(self.prefill_chunk)
                 if ready and not self.gen.learning.calibrated:  # once per generator, on a request of its own
                     self.gen.learning.calibrated = True
-                    c = member.c
+                    c, started = member.c, self.gen.clock()
                     member._call(f"cost model '{c.names['cost_model']}'", c.cost_model.calibrate,
                                  member._timer(member.session), member.session.past)
+                    self.calibration_s += self.gen.clock() - started
             except Exception as err:  # noqa: BLE001 - this request's prompt failed; the others go on
                 finished.append(self._leave(member, "error", err))
                 continue
@@ -230,6 +233,9 @@ class BatchGenerator:
         drafting = learning.begin_step()
         t0 = clock()
         drafts, ctxs, draft_s = [], [], []
+        pasts = [m.session.past for m in members]
+        pricing = getattr(self.room, "cost_context", sum)  # the context one call over every request costs
+        context = int(pricing(pasts)) if len(members) > 1 else pasts[0]
         for m in members:
             past = m.session.past
             max_nodes, max_depth = m.bounds(past, m.remaining)
@@ -240,7 +246,7 @@ class BatchGenerator:
             drafts.append(m.propose(m.context, max_depth) if drafting else EmptyDraft())
             draft_s.append(clock() - started)
             ctxs.append(ExpansionContext(m.context[-1], past, max_nodes, max_depth, c.surrogate, c.cost_model,
-                                         learning.draft_seconds, learning.node_seconds))
+                                         learning.draft_seconds, learning.node_seconds, context))
         t1 = clock()
         if self.shared_budget and len(members) > 1:
             sized = members[0]._call(f"expansion policy '{c.names['expansion']}'", c.expansion.expand_batch, drafts, ctxs)
@@ -248,7 +254,7 @@ class BatchGenerator:
         else:
             built = [m.expand(d, x) for m, d, x in zip(members, drafts, ctxs)]
         lazy = [d.spent_seconds for d in drafts]  # a draft model drafts inside the policy's call
-        tokens, context = sum(b.tree.size for b in built), sum(x.context_len for x in ctxs)
+        tokens = sum(b.tree.size for b in built)
         predicted = members[0].predict_cost(tokens, context)
         for m, b, x in zip(members, built, ctxs):
             m._call(f"drafter '{c.names['drafter']}'", m.c.drafter.speculate, Verifying(b, x, c.expansion, predicted))
@@ -270,6 +276,8 @@ class BatchGenerator:
         members[0]._call(f"cost model '{c.names['cost_model']}'", c.cost_model.observe, tokens, context, t3 - t2)
         t4 = clock()
         lazy_s = sum(lazy)
+        for m in members:  # the step's host seconds, shared by its requests
+            m.stats.records[-1].overhead_s = ((t2 - t1 - lazy_s) + (t4 - t3)) / len(members)
         learning.end_step(StepRecord(  # the batch's step: what the gate, D and the per-node host time learn from
             tree_size=tokens, accepted=accepted, committed=sum(map(len, committed)), context_len=context,
             draft_s=t1 - t0 + lazy_s, overhead_s=(t2 - t1 - lazy_s) + (t4 - t3), verify_s=t3 - t2,

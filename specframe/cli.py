@@ -344,9 +344,11 @@ def trace(ctx, dataset, num_prompts, max_new_tokens, target, backend, backend_op
 @click.option("--draft-ms", type=float, default=None, help="Per-step draft time on the simulated device (default: as measured while tracing); for a hybrid trace, the time of a step where every source runs, split in the traced proportions.")
 @click.option("--compare", "compare_dir", default=None, type=click.Path(file_okay=False),
               help="A `specframe bench` directory from the profiled machine: report simulated vs measured τ and speedup on the traced prompts.")
+@click.option("--batch", type=int, default=1, show_default=True,
+              help="Serve each dataset's traced prompts as this many concurrent requests (continuous batching: one simulated forward per step for all their trees).")
 @click.option("--out", "out_dir", default="runs/simulate", show_default=True, type=click.Path(file_okay=False))
 @click.pass_context
-def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_ms, draft_ms, compare_dir, out_dir):
+def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_ms, draft_ms, compare_dir, batch, out_dir):
     """Run policies through the engine over a trace, on a device's latency profile (a labelled simulation)."""
     from .tools.bench import check_methods, split_methods
     from .tools.simulate import simulate as run_simulation
@@ -360,13 +362,18 @@ def simulate(ctx, trace_file, profile_file, methods, target, overhead_ms, node_m
             raise SpecframeError(f"file not found: {f}")
     if any(ms is not None and not ms >= 0 for ms in (overhead_ms, node_ms, draft_ms)):
         raise SpecframeError("--overhead-ms, --host-ms-per-node and --draft-ms must be >= 0")
+    if batch <= 0:
+        raise SpecframeError(f"--batch must be positive, got {batch}")
+    if batch > 1 and compare_dir is not None:
+        raise SpecframeError("--compare checks single-request runs; leave out --batch")
     if compare_dir is not None and not (Path(compare_dir) / "results.jsonl").is_file():
         raise SpecframeError(f"--compare needs a `specframe bench` directory; {Path(compare_dir) / 'results.jsonl'} is missing")
     quiet_backends(registry)
     tgt = load_target(target, "hf", registry=registry)
     run_simulation(Path(trace_file), labels, profile_file, Path(out_dir), tgt, registry,
                    None if overhead_ms is None else overhead_ms / 1000, None if draft_ms is None else draft_ms / 1000,
-                   None if compare_dir is None else Path(compare_dir), None if node_ms is None else node_ms / 1000)
+                   None if compare_dir is None else Path(compare_dir), None if node_ms is None else node_ms / 1000,
+                   batch)
     click.echo((Path(out_dir) / "report.md").read_text())
 
 

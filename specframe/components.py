@@ -261,6 +261,9 @@ class ExpansionContext:
     cost_model: CostModel
     draft_seconds: float = 0.0  # predicted seconds of a drafted step besides the forward that do not grow with the tree
     node_seconds: float = 0.0  # predicted host seconds per tree node (building, verifying and keeping it)
+    # in a batch (continuous batching): the context the cost model prices the whole call at, from the backend's
+    # batch room (llama.cpp's unified KV view: every request's cells; transformers: the longest padded prefix)
+    batch_context: int | None = None
 
     def score(self, parent_p: float, depth: int, cand: Candidate) -> float:
         """The surrogate's P(child), checked to lie in [0, 1] (a broken surrogate is named, not hidden)."""

@@ -68,6 +68,9 @@ class SimTarget:
             raise SpecframeError("the simulated target has no traced row to replay")
         return SimSession(self, self.row)
 
+    def open_batch(self, max_batch: int, feature_layers: tuple[int, ...] = ()) -> "SimRoom":
+        return SimRoom(self, max_batch)
+
     def step_overhead(self, n: int) -> float:
         """Host seconds of a step with an n-node tree besides drafting and the forward."""
         grown = self.host(n) - self.host(1) if self.host is not None else 0.0
@@ -113,6 +116,31 @@ class SimSession:
         self.past = min(self.past, length)
 
 
+class SimRoom:
+    """The simulated device's batch room: one forward verifies every request's tree. It costs the profile's
+    time for all N tokens of the call at the requests' token-weighted mean context (weights are read once;
+    each request's tokens attend over its own cache), as a GPU batch does."""
+
+    batched = True
+    max_tree_tokens = None
+
+    def __init__(self, target: SimTarget, max_batch: int):
+        self.target, self.capacity = target, int(max_batch)
+        self.note = "simulated: one forward for the batch, priced by the profile at N tokens and the mean context"
+
+    def start(self) -> SimSession:
+        return self.target.start()
+
+    def cost_context(self, pasts: list[int]) -> int:
+        return round(sum(pasts) / len(pasts))
+
+    def verify(self, items) -> list[SimForward]:
+        n = sum(tree.size for _, tree in items)
+        context = sum(s.past * tree.size for s, tree in items) / n
+        self.target.clock.advance(self.target.profile.predict(n, round(context)))
+        return [SimForward(traced_logits(tree, s.row.output[s.past - (s.row.prompt_len - 1):])) for s, tree in items]
+
+
 def traced_logits(tree: Tree, line: list[int]) -> torch.Tensor:
     """``(n, V')`` logits whose argmax after each node on the traced greedy line (the root's path matching
     ``line``) is the traced next token ``line[depth]``; rows of other nodes, which a greedy walk never
@@ -132,7 +160,7 @@ def traced_logits(tree: Tree, line: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------- running the engine over a trace
 def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=None, registry: Registry | None = None,
              overhead_s: float | None = None, draft_s: float | None = None, compare: Path | None = None,
-             node_s: float | None = None) -> dict:
+             node_s: float | None = None, batch: int = 1) -> dict:
     """Run every method over the trace on the device of ``profile``; write summary.json and report.md.
 
     ``model``: the traced target (its shape for the roofline cost model). ``overhead_s`` replaces the
@@ -141,7 +169,9 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=
     ``node_s``: the simulated host's seconds per tree node beyond one (building, verifying and keeping
     it), in place of the profile's ``host_ms_median`` column (a device profile may have none).
     ``compare``: a ``specframe bench`` directory measured on the profiled machine; the report then sets
-    the simulated τ and speedup beside the measured ones on the traced prompts."""
+    the simulated τ and speedup beside the measured ones on the traced prompts. ``batch`` > 1: the traced
+    prompts of a dataset are served as ``batch`` concurrent requests (continuous batching: a finished one is
+    replaced by the next), every step's trees verified in one simulated forward; tokens/s is the batch's."""
     registry = registry or Registry()
     rows = read_trace(trace)
     cost = registry.build("cost_model", "profile", {"path": str(profile)})
@@ -149,10 +179,14 @@ def simulate(trace: Path, labels: list[str], profile: str, out_dir: Path, model=
         overhead_s = _median([o for r in rows for o in r.overhead_s])
     host = host_table(Path(profile)) if node_s is None else (lambda n: node_s * n)
     summary: dict = {"profile": str(profile), "trace": str(trace), "overhead_s": overhead_s, "draft_s": draft_s,
-                     "host_per_node": host is not None, "node_s": node_s, "datasets": {}}
+                     "host_per_node": host is not None, "node_s": node_s, "batch": batch, "datasets": {}}
     tables: dict[str, dict] = {r.dataset: {} for r in rows}
     for label in ["ar"] + [lab for lab in labels if lab != "ar"]:
         target = SimTarget(cost, ManualClock(), overhead_s, host, model, None if model else _vocab(rows))
+        if batch > 1:
+            for ds, row in run_batched(label, rows, target, registry, draft_s, batch).items():
+                tables[ds][label] = row
+            continue
         for ds, runs in run_method(label, rows, target, registry, draft_s).items():
             tables[ds][label] = method_row(runs)
     for ds, table in tables.items():
@@ -183,6 +217,43 @@ def run_method(label: str, rows: list[TraceRow], target: SimTarget, registry: Re
     for row in rows:
         if row.output:
             out.setdefault(row.dataset, []).append(gen.generate(target.replay(row), len(row.output)).stats)
+    return out
+
+
+def run_batched(label: str, rows: list[TraceRow], target: SimTarget, registry: Registry, draft_s: float | None,
+                batch: int) -> dict[str, dict]:
+    """The method serving each dataset's traced prompts as ``batch`` concurrent requests (one generator for
+    all, as a server keeps one): per dataset, its line of the report, tokens/s over the batch's clock."""
+    from ..batch import BatchGenerator, BatchRequest
+    from .bench import parse_method
+
+    spec = parse_method(label)
+    drafter = None
+    if registry.policy(spec.policy.partition(":")[0]).drafter != "none":
+        drafter, registry = trace_drafter(registry, target, rows, draft_s)
+    gen = SpecGenerator(target, spec.policy, drafter=drafter, registry=registry, clock=target.clock,
+                        params=spec.settings, strict_params=False)
+    runner = BatchGenerator(gen, batch)
+    out: dict[str, dict] = {}
+    for ds in dict.fromkeys(r.dataset for r in rows):
+        todo = [r for r in rows if r.dataset == ds and r.output]
+        done: list[BatchRequest] = []
+        traced: dict[int, list[int]] = {}
+        started = target.clock() + runner.calibration_s  # (a calibration during the run is not decoding time)
+        while todo or runner.busy:
+            while todo and runner.has_room():
+                row = todo.pop(0)
+                req = BatchRequest(target.replay(row), len(row.output))
+                runner.submit(req)
+                traced[id(req)] = row.output
+            done += runner.step()
+        if any(r.token_ids != traced[id(r)] for r in done):  # the engine's exactness, in a batch
+            raise SpecframeError(f"method '{label}' did not replay the trace exactly in a batch of {batch}")
+        runs = [r.stats for r in done]
+        line = method_row(runs)
+        line["tokens_per_s"] = sum(st.new_tokens for st in runs) / (target.clock() - started - runner.calibration_s)
+        line["mean_batch"] = float(np.mean([r.batch for st in runs for r in st.records]))
+        out[ds] = line
     return out
 
 
@@ -296,7 +367,11 @@ def render(summary: dict, rows: list[TraceRow]) -> str:
              + ("the one measured while tracing" if summary.get("draft_s") is None else f"{1000 * summary['draft_s']:.1f} ms (given)")
              + f"; host overhead {1000 * summary['overhead_s']:.1f} ms per step at n = 1 (traced)"
              + _node_text(summary)
-             + ". Every method runs the real engine (`SpecGenerator`) on this simulated clock.", "",
+             + ". Every method runs the real engine (`SpecGenerator`) on this simulated clock."
+             + (f" **Batch of {summary['batch']}**: each dataset's prompts are served as {summary['batch']} concurrent "
+                "requests (continuous batching, `specframe.batch`), one simulated forward per step verifying all their "
+                "trees, priced at the call's N tokens and the token-weighted mean context; tokens/s is the batch's."
+                if summary.get("batch", 1) > 1 else ""), "",
              f"- trace: {len(rows)} prompts, drafter `{rows[0].drafter}`, {sum(len(r.output) for r in rows)} tokens", ""]
     for ds, table in summary["datasets"].items():
         lines += [f"## {ds}", "", "| method | τ | tree size: mean · median · p90 · max | host overhead ms/step "
@@ -304,7 +379,8 @@ def render(summary: dict, rows: list[TraceRow]) -> str:
         for lab, e in table.items():
             sizes = f"{e['mean_tree_size']:.1f} · {e['median_tree_size']:g} · {e['p90_tree_size']:g} · {e['max_tree_size']}"
             over = f"{e['overhead_ms_per_step']:.1f}" if "overhead_ms_per_step" in e else "–"
-            lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {over} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |")
+            lines.append(f"| {lab} | {e['tau']:.2f} | {sizes} | {over} | {e['tokens_per_s']:.1f} | {e['speedup_vs_ar']:.2f}× |"
+                         + (f" mean batch {e['mean_batch']:.1f}" if "mean_batch" in e else ""))
         lines.append("")
     val = summary.get("validation")
     if val:

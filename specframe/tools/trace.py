@@ -15,6 +15,8 @@ unrounded (JSON keeps a float exactly), so a replayed draft scores exactly as th
 
 from __future__ import annotations
 
+import copy
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,13 @@ def source_count(rows: list[TraceRow]) -> int:
 
 
 # ---------------------------------------------------------------------- replaying
+class _Pinned:
+    """A cursor that stays on one row (a forked drafter's, in a simulated batch)."""
+
+    def __init__(self, row):
+        self.row = row
+
+
 class TraceDrafter(Drafter):
     """Replays the traced proposals of the row its cursor is on: at output position ``pos`` it proposes
     the draft recorded there (``part``: only that source's, of a composite drafter's record) and advances
@@ -187,6 +196,12 @@ class TraceDrafter(Drafter):
     def __init__(self, cursor, clock: ManualClock, part: int | None = None, draft_s: float | None = None):
         self.cursor, self.clock, self.part, self.draft_s = cursor, clock, part, draft_s
         self.max_depth = 1 << 20
+
+    def fork(self) -> "TraceDrafter":
+        """For another request of a simulated batch: replays the row being started now."""
+        twin = copy.copy(self)
+        twin.cursor = _Pinned(self.cursor.row)
+        return twin
 
     def propose(self, context_ids: list[int], max_depth: int) -> Draft:
         row = self.cursor.row
