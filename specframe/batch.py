@@ -230,7 +230,7 @@ class BatchGenerator:
     def _advance(self, members: list[_Member]) -> list[list[int]]:
         """Draft, size, verify and commit every member's tree; each member's committed tokens."""
         gen, c, learning, clock = self.gen, self.gen.components, self.gen.learning, self.gen.clock
-        drafting = learning.begin_step()
+        drafting = learning.begin_step(len(members))
         t0 = clock()
         drafts, ctxs, draft_s = [], [], []
         pasts = [m.session.past for m in members]

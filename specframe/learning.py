@@ -26,6 +26,10 @@ class StepLearning:
 
     def __init__(self, gate: DraftGate | None = None, clock: Clock = real_clock):
         self.gate, self.clock = gate, clock
+        # a batch of B requests (continuous batching) drafts B times for one forward: whether drafting pays
+        # depends on B, so each batch size has a gate of its own (``gate`` is the one of a single request)
+        self.gates: dict[int, DraftGate] = {} if gate is None else {1: gate}
+        self._batch = 1
         self.costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
         self.calibrated = False  # the cost model is calibrated once per generator, on its first prompt
         self._started = 0.0
@@ -37,10 +41,16 @@ class StepLearning:
         # a policy may let a drafter whose time stays under a share of the step always run: it cannot cost more
         return cls(DraftGate(cheap_share=float(getattr(expansion, "cheap_draft", 0.0))), clock)
 
-    def begin_step(self) -> bool:
-        """Start timing a step; whether it drafts."""
-        self._started = self.clock()
-        return self.gate is None or self.gate.want()
+    def begin_step(self, batch: int = 1) -> bool:
+        """Start timing a step of ``batch`` requests; whether it drafts."""
+        self._started, self._batch = self.clock(), batch
+        return self.gate is None or self._gate(batch).want()
+
+    def _gate(self, batch: int) -> DraftGate:
+        if batch not in self.gates:
+            g = self.gate
+            self.gates[batch] = DraftGate(cheap_share=g.cheap_share, explore_share=g.explore_share)
+        return self.gates[batch]
 
     @property
     def draft_seconds(self) -> float:
@@ -58,6 +68,6 @@ class StepLearning:
             self.costs.observe(record.tree_size, record.draft_s - record.expand_draft_s, record.overhead_s)
         if self.gate is not None:
             step_s = self.clock() - self._started
-            # a drafted step that verified the root alone did a plain step's work plus the draft's
-            plain_s = step_s - record.draft_s if record.drafted and record.tree_size == 1 else None
-            self.gate.record(record.drafted, record.committed, step_s, record.draft_s, plain_s)
+            # a drafted step that verified the root(s) alone did a plain step's work plus the draft's
+            plain_s = step_s - record.draft_s if record.drafted and record.tree_size == record.batch else None
+            self._gate(record.batch).record(record.drafted, record.committed, step_s, record.draft_s, plain_s)
