@@ -189,6 +189,9 @@ class BatchGenerator:
         """Add ``req``; it joins at the next step. Bad input raises :class:`SpecframeError` (nothing joins)."""
         if self.size >= self.capacity:
             raise SpecframeError(f"the batch is full ({self.capacity} requests); wait for one to finish")
+        if not self.has_room(req):
+            raise SpecframeError(f"the target's cache has no room now for a request of {len(req.prompt_ids)} prompt + "
+                                 f"{req.max_new_tokens} new tokens; wait for one to finish (has_room says when)")
         ids, sampling, verifier_name, verifier = self.gen.check_request(
             req.prompt_ids, req.max_new_tokens, req.temperature, req.top_k, req.top_p, req.logprobs)
         self.joining.append(_Member(self, req, ids, verifier_name, verifier, sampling))
