@@ -774,9 +774,22 @@ class Scheduler:
                 continue
             if self.before_step is not None:
                 self.before_step(self.batch.size)
-            for req in self.batch.step():
-                self._finish(self.live.pop(id(req)), req)
+            try:
+                for req in self.batch.step():
+                    self._finish(self.live.pop(id(req)), req)
+            except Exception as err:  # noqa: BLE001 - the scheduler must survive anything: fail this batch, go on
+                self._fail_all(err)
             self.metrics.observe_batch(len(self.batch.active) or 1)
+
+    def _fail_all(self, err: Exception) -> None:
+        """Every request in the batch ends with a 500 naming ``err``; the scheduler goes on with the queue."""
+        for member in self.batch.joining + self.batch.active:
+            member.req.cancel()
+        self.batch.step()  # each leaves (its session and drafter freed)
+        for live in self.live.values():
+            live.job.emit(("error", APIError(500, f"generation failed: {type(err).__name__}: {err}",
+                                             kind="server_error", code="internal_error")))
+        self.live.clear()
 
     def _admit(self) -> None:
         """Waiting requests join the batch, in order, while it has room for the next one."""
@@ -798,12 +811,23 @@ class Scheduler:
             req = BatchRequest(job.prompt_ids, job.max_tokens, job.temperature, job.top_k, job.top_p, job.seed,
                                job.logprobs, live.on_step, _cancel=job.cancelled)
             if not self.batch.has_room(req):
-                return
+                if self.batch.busy:
+                    return  # it waits for a request to leave
+                self.next = None  # alone it would still not fit: it never will
+                job.emit(("error", APIError(400, f"a request of {len(job.prompt_ids)} prompt + {job.max_tokens} new "
+                                            "tokens does not fit the target's cache beside a draft tree; lower "
+                                            "max_tokens or raise the context (--backend-option n_ctx=N)",
+                                            "max_tokens", "context_length_exceeded")))
+                continue
             self.next = None
             try:
                 self.batch.submit(req)
             except SpecframeError as err:
                 job.emit(("error", APIError(400, str(err), code="generation_failed")))
+                continue
+            except Exception as err:  # noqa: BLE001 - the scheduler must survive anything; the client gets one line
+                job.emit(("error", APIError(500, f"could not start the request: {type(err).__name__}: {err}",
+                                            kind="server_error", code="internal_error")))
                 continue
             live.started = time.perf_counter()
             self.metrics.queue_time.labels(self.metrics.model).observe(live.started - job.arrived)

@@ -301,3 +301,17 @@ def test_bad_input_while_a_batch_runs_is_a_4xx_and_the_batch_goes_on(serve_gated
             assert 400 <= response.status_code < 500, response.text
         gate.release()
         assert running.result(timeout=WAIT_S)[0] == solo(reference, "The river runs", 12, temperature=0)
+
+
+def test_a_request_the_shared_cache_can_never_hold_is_a_400_not_a_hang(serve_gated):
+    """A room whose cache all requests share admits a request by its cells; one that would not fit even alone
+    is answered 400 at once (it would otherwise wait forever)."""
+    srv, gate = serve_gated(max_batch=2)
+    gate.release()
+    batch = srv.scheduler.batch  # as if its room's shared cache held 20 tokens
+    batch.has_room = lambda req=None: batch.size < batch.capacity and (
+        req is None or len(req.prompt_ids) + req.max_new_tokens < 20)
+    ok = srv.client().completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0)
+    assert ok.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError, match="does not fit"):
+        srv.client().completions.create(model=MODEL, prompt="The river runs", max_tokens=40, temperature=0)
