@@ -776,7 +776,8 @@ class Scheduler:
                 self.before_step(self.batch.size)
             try:
                 for req in self.batch.step():
-                    self._finish(self.live.pop(id(req)), req)
+                    self._finish(self.live[id(req)], req)
+                    del self.live[id(req)]
             except Exception as err:  # noqa: BLE001 - the scheduler must survive anything: fail this batch, go on
                 self._fail_all(err)
             self.metrics.observe_batch(len(self.batch.active) or 1)

@@ -315,3 +315,22 @@ def test_a_request_the_shared_cache_can_never_hold_is_a_400_not_a_hang(serve_gat
     assert ok.usage.completion_tokens == 4
     with pytest.raises(openai.BadRequestError, match="does not fit"):
         srv.client().completions.create(model=MODEL, prompt="The river runs", max_tokens=40, temperature=0)
+
+
+def test_an_unexpected_error_in_a_step_fails_that_batch_and_the_server_goes_on(serve_gated, reference):
+    srv, gate = serve_gated(max_batch=2)
+    gate.release()
+    sched, finish = srv.scheduler, srv.scheduler._finish
+    broken = [True]
+
+    def finish_once_broken(live, req):  # a bug striking while a request finishes
+        if broken.pop() if broken else False:
+            raise RuntimeError("boom")
+        return finish(live, req)
+
+    sched._finish = finish_once_broken
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        srv.client().completions.create(model=MODEL, prompt="The river runs", max_tokens=4, temperature=0)
+    assert sched.batch.size == 0 and not sched.live
+    out = srv.client().completions.create(model=MODEL, prompt="The river runs", max_tokens=6, temperature=0)
+    assert out.specframe["token_ids"] == solo(reference, "The river runs", 6, temperature=0)
