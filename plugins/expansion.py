@@ -235,7 +235,8 @@ class AdaptiveBestFirst(ExpansionPolicy):
         """One budget for a batch of requests verified in ONE target call (continuous batching): the next
         node goes to whichever request's best remaining candidate raises the whole call's expected tokens
         per second most, under the cost of the whole call — S is the batch's Σ P (every root counts 1),
-        C(N) the cost model's time for all N tokens of the call at the requests' summed context, D the
+        C(N) the cost model's time for all N tokens of the call at the context the backend prices one call over
+        them at (``batch_context``; without one, their summed context), D the
         step's draft and host seconds (``ctxs[0]``'s, which the engine learns per batch step). With one
         request this is exactly :meth:`expand`. Each request keeps its own bounds and a prefix of its own
         best-first order, so its tree is valid for its own verifier."""

@@ -58,6 +58,7 @@ from specframe.backends import load_target
 from specframe.datasets import Prompt, encode, load
 from specframe.plugins.llama_server import NGRAM_SPEC, SPEC_ARGS, LlamaServerPeer
 from specframe.serve import wait_until_ready
+from specframe.tree import common_prefix
 
 SPECFRAME_METHODS = {  # name -> `specframe serve` arguments ({clients}: the round's number of clients)
     "specframe-batch": ["{max_batch_flag}", "{clients}"],
@@ -196,15 +197,6 @@ def measure(method: str, clients: int, rnd: int, prompts: list[list[int]], warmu
                ttft_p50_s=quantile(ttfts, 0.5), ttft_p95_s=quantile(ttfts, 0.95),
                req_tok_per_s_median=statistics.median(r["tok_per_s"] for r in requests))
     return row
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def compare_outputs(rows: list[dict]) -> None:

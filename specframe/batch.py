@@ -237,12 +237,11 @@ class BatchGenerator:
         t0 = clock()
         drafts, ctxs, draft_s = [], [], []
         pasts = [m.session.past for m in members]
-        pricing = getattr(self.room, "cost_context", sum)  # the context one call over every request costs
-        context = int(pricing(pasts)) if len(members) > 1 else pasts[0]
+        context = int(getattr(self.room, "cost_context", sum)(pasts))  # the context one call over them all costs
+        cap = getattr(self.room, "max_tree_tokens", None)
         for m in members:
             past = m.session.past
             max_nodes, max_depth = m.bounds(past, m.remaining)
-            cap = getattr(self.room, "max_tree_tokens", None)
             if cap:
                 max_nodes, max_depth = min(max_nodes, cap - 1), min(max_depth, cap - 1)
             started = clock()

@@ -398,7 +398,6 @@ class _Run:
         self.gen.observers.step_end(record, self.stats.steps - 1)
         return committed
 
-
     def settle(self, session, built, fwd, remaining: int) -> tuple[list[int], list[int]]:
         """After a verification: the verifier's verdict, the accepted path kept in the cache, the drafter and
         the surrogate told. Returns (accepted path, committed tokens: the path's tokens and the bonus, cut

@@ -29,7 +29,6 @@ class StepLearning:
         # a batch of B requests (continuous batching) drafts B times for one forward: whether drafting pays
         # depends on B, so each batch size has a gate of its own (``gate`` is the one of a single request)
         self.gates: dict[int, DraftGate] = {} if gate is None else {1: gate}
-        self._batch = 1
         self.costs = StepCosts()  # a step's seconds besides the forward: D and the host's per-node part
         self.calibrated = False  # the cost model is calibrated once per generator, on its first prompt
         self._started = 0.0
@@ -43,7 +42,7 @@ class StepLearning:
 
     def begin_step(self, batch: int = 1) -> bool:
         """Start timing a step of ``batch`` requests; whether it drafts."""
-        self._started, self._batch = self.clock(), batch
+        self._started = self.clock()
         return self.gate is None or self._gate(batch).want()
 
     def _gate(self, batch: int) -> DraftGate:

@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from specframe import SpecGenerator, Target  # noqa: E402
 from specframe.serve import create_app  # noqa: E402
-from test_serve import MODEL, build_tiny_model, free_port, reference, stream_text, tiny_dir  # noqa: E402,F401
+from test_serve import MODEL, free_port, reference, stream_text, tiny_dir  # noqa: E402,F401
 
 WAIT_S = 120  # the most any wait below may take before the test fails (never reached when things work)
 

@@ -205,14 +205,7 @@ def run_method(label: str, rows: list[TraceRow], target: SimTarget, registry: Re
                draft_s: float | None) -> dict[str, list[RunStats]]:
     """One generator for the method over every row, in the trace's order (as `bench` keeps one generator
     per method over all prompts, so what it learns carries across datasets alike); stats per dataset."""
-    from .bench import parse_method
-
-    spec = parse_method(label)  # the trace's drafts stand in for any drafter the label names
-    drafter = None
-    if registry.policy(spec.policy.partition(":")[0]).drafter != "none":
-        drafter, registry = trace_drafter(registry, target, rows, draft_s)
-    gen = SpecGenerator(target, spec.policy, drafter=drafter, registry=registry, clock=target.clock,
-                        params=spec.settings, strict_params=False)
+    gen = replay_generator(label, rows, target, registry, draft_s)
     out: dict[str, list[RunStats]] = {}
     for row in rows:
         if row.output:
@@ -225,15 +218,8 @@ def run_batched(label: str, rows: list[TraceRow], target: SimTarget, registry: R
     """The method serving each dataset's traced prompts as ``batch`` concurrent requests (one generator for
     all, as a server keeps one): per dataset, its line of the report, tokens/s over the batch's clock."""
     from ..batch import BatchGenerator, BatchRequest
-    from .bench import parse_method
 
-    spec = parse_method(label)
-    drafter = None
-    if registry.policy(spec.policy.partition(":")[0]).drafter != "none":
-        drafter, registry = trace_drafter(registry, target, rows, draft_s)
-    gen = SpecGenerator(target, spec.policy, drafter=drafter, registry=registry, clock=target.clock,
-                        params=spec.settings, strict_params=False)
-    runner = BatchGenerator(gen, batch)
+    runner = BatchGenerator(replay_generator(label, rows, target, registry, draft_s), batch)
     out: dict[str, dict] = {}
     for ds in dict.fromkeys(r.dataset for r in rows):
         todo = [r for r in rows if r.dataset == ds and r.output]
@@ -255,6 +241,20 @@ def run_batched(label: str, rows: list[TraceRow], target: SimTarget, registry: R
         line["mean_batch"] = float(np.mean([r.batch for st in runs for r in st.records]))
         out[ds] = line
     return out
+
+
+def replay_generator(label: str, rows: list[TraceRow], target: SimTarget, registry: Registry,
+                     draft_s: float | None) -> SpecGenerator:
+    """The method's generator on the simulated target, the trace's drafts standing in for any drafter the
+    label names."""
+    from .bench import parse_method
+
+    spec = parse_method(label)
+    drafter = None
+    if registry.policy(spec.policy.partition(":")[0]).drafter != "none":
+        drafter, registry = trace_drafter(registry, target, rows, draft_s)
+    return SpecGenerator(target, spec.policy, drafter=drafter, registry=registry, clock=target.clock,
+                         params=spec.settings, strict_params=False)
 
 
 def trace_drafter(registry: Registry, target: SimTarget, rows: list[TraceRow], draft_s: float | None):
